@@ -1,0 +1,1 @@
+"""Importers for released checkpoints (MMV Haiku pickles)."""

@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction, linear probes, zero-shot retrieval/classification, reports."""

@@ -1,0 +1,1 @@
+"""Video, audio and text backbones, one per file."""

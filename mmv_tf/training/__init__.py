@@ -1,0 +1,1 @@
+"""Training: strategies, optimizers, schedules and the contrastive pretraining loop."""
