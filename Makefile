@@ -46,7 +46,7 @@ test-slow: setup apt
 	$(PYTHON) -m pytest -q -n 2 --run-slow --durations=15 $(PYTEST_ARGS) tests
 
 BAZEL_FLAGS := --override_repository=remote_coverage_tools=$(CURDIR)/third_party/bazel/remote_coverage_tools \
-	--python_path=$(PYTHON)
+	--incompatible_use_python_toolchains=false --python_path=$(PYTHON)
 bazel-test: setup apt
 	bazel test $(BAZEL_FLAGS) --test_tag_filters=$(BAZEL_TAG_FILTERS) --test_output=errors //...
 
