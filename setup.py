@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "scikit-learn==1.9.1",
     "matplotlib==3.11.2",
     "numpy==1.26.4",
+    "pillow==12.3.0",  # JPEG encode/decode in the dataset writers.
 ]
 
 EXTRAS_REQUIRE = {

@@ -52,11 +52,12 @@ COMMANDS = (
 def _top_level_parser() -> argparse.ArgumentParser:
   lines = [f"  {c.name:<18} {c.summary}" for c in COMMANDS]
   parser = argparse.ArgumentParser(
-      prog="mmv-tf",
+      prog="mmv-tf", add_help=False,
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Self-supervised multimodal video models (MMV, VATT, BraVe) in TensorFlow/Keras 3.",
       epilog="commands:\n" + "\n".join(lines) + "\n\nRun `mmv-tf COMMAND --help` for a command's flags.",
   )
+  parser.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
   parser.add_argument("command", nargs="?", help="one of the commands below")
   parser.add_argument("--version", action="store_true", help="print the package version and exit")
   return parser
@@ -85,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return 0
     if args.command is None:
       parser.print_help()
-      return 0 if not argv or argv[0] in ("-h", "--help") else 2
+      return 0
     parser.print_help(sys.stderr)
     print(f"\nmmv-tf: unknown command {args.command!r}", file=sys.stderr)
     return 2

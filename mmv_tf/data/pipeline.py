@@ -1,0 +1,613 @@
+"""tf.data input pipelines for pretraining and evaluation on DMVR-layout TFRecords.
+
+Per example, processing runs in named phases (DMVR's design; docs/pipeline.md):
+
+  PARSE -> SAMPLE -> DECODE -> AUGMENT -> FEATURIZE   then   batch -> prefetch
+
+A `ClipProcessor` holds the parse spec and an ordered list of named functions per phase; the
+per-modality helpers `add_video`, `add_audio`, `add_log_mel`, `add_text`, `add_label` register what a
+model family needs, and functions can be replaced or removed by name (the benchmark swaps the fused
+decoder for a naive one this way). Functions receive `(features, state)`: `features` holds parsed
+record keys (`schema.*`) and outputs (`features.*`); `state` holds the per-example seed and random
+choices shared across modalities (the frame window start, reused to cut the audio).
+
+Bad records (corrupt proto, undecodable JPEG, missing key, too-short clip, wrong sample rate) are
+skipped and counted in a `BadRecordCounter`; `skip_bad_records=False` makes them raise instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import tensorflow as tf
+
+from mmv_tf.data import features as F
+from mmv_tf.data import processors
+from mmv_tf.data import schema
+from mmv_tf.data import text as text_lib
+
+AUTOTUNE = tf.data.AUTOTUNE
+Features = Dict[str, tf.Tensor]
+PhaseFn = Callable[[Features, dict], Features]
+
+
+class Phase(enum.IntEnum):
+  PARSE = 0
+  SAMPLE = 1
+  DECODE = 2
+  AUGMENT = 3
+  FEATURIZE = 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad-record accounting.
+
+class BadRecordCounter:
+  """Number of records skipped by pipelines that share this counter (an int64 `tf.Variable` on the host).
+
+  Read it with `count()` for logs, or `variable` for `tf.summary.scalar`. The variable is created
+  lazily, outside any `tf.function`, the first time a pipeline uses the counter.
+  """
+
+  def __init__(self):
+    self._variable = None
+
+  @property
+  def variable(self) -> tf.Variable:
+    if self._variable is None:
+      with tf.init_scope():
+        self._variable = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="bad_records")
+    return self._variable
+
+  def count(self) -> int:
+    return 0 if self._variable is None else int(self._variable.numpy())
+
+  def reset(self) -> None:
+    if self._variable is not None:
+      self._variable.assign(0)
+
+
+_DEFAULT_COUNTER = BadRecordCounter()
+
+
+def default_bad_record_counter() -> BadRecordCounter:
+  """The process-wide counter used when a pipeline is not given its own."""
+  return _DEFAULT_COUNTER
+
+
+def bad_record_count() -> int:
+  """Records skipped so far by every pipeline using the process-wide counter (for trainer logs)."""
+  return _DEFAULT_COUNTER.count()
+
+
+def _check(condition, message: str) -> tf.Operation:
+  return tf.debugging.Assert(condition, [f"bad record: {message}"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-example processing.
+
+class ClipProcessor:
+  """Parse spec + named per-example functions in phase order; `processor(serialized, seed)` runs them."""
+
+  def __init__(self):
+    self.context_spec: Dict[str, object] = {}
+    self.sequence_spec: Dict[str, object] = {}
+    self.output_keys: List[str] = []
+    self._fns: Dict[Phase, List[tuple]] = {p: [] for p in Phase}
+
+  def parse_feature(self, key: str, spec, *, is_context: bool) -> None:
+    (self.context_spec if is_context else self.sequence_spec)[key] = spec
+
+  def add_output(self, key: str) -> None:
+    if key not in self.output_keys:
+      self.output_keys.append(key)
+
+  def remove_output(self, key: str) -> None:
+    if key in self.output_keys:
+      self.output_keys.remove(key)
+
+  def add_fn(self, phase: Phase, name: str, fn: PhaseFn, *, before: Optional[str] = None) -> None:
+    """Appends `fn` to `phase`, or inserts it before the function named `before` (same phase)."""
+    if name in self.fn_names():
+      raise ValueError(f"a function named {name!r} is already registered")
+    fns = self._fns[phase]
+    names = [n for n, _ in fns]
+    if before is None or before not in names:
+      fns.append((name, fn))
+    else:
+      fns.insert(names.index(before), (name, fn))
+
+  def replace_fn(self, name: str, fn: PhaseFn) -> None:
+    for phase, fns in self._fns.items():
+      for i, (n, _) in enumerate(fns):
+        if n == name:
+          fns[i] = (name, fn)
+          return
+    raise KeyError(f"no function named {name!r}; have {self.fn_names()}")
+
+  def remove_fn(self, name: str) -> None:
+    for fns in self._fns.values():
+      fns[:] = [(n, f) for n, f in fns if n != name]
+
+  def fn_names(self) -> List[str]:
+    return [n for p in Phase for n, _ in self._fns[p]]
+
+  def __call__(self, serialized, seed) -> Features:
+    context, sequence = tf.io.parse_single_sequence_example(
+        serialized, context_features=self.context_spec or None,
+        sequence_features=self.sequence_spec or None)
+    feats = dict(context)
+    feats.update(sequence)
+    state = {"seed": tf.cast(seed, tf.int64)}
+    for phase in Phase:
+      for _, fn in self._fns[phase]:
+        feats = fn(feats, state)
+    return {k: feats[k] for k in self.output_keys}
+
+
+def sub_seed(state: dict, name: str) -> tf.Tensor:
+  """A seed for one random choice, derived from the example seed and a stable name."""
+  return tf.random.experimental.stateless_fold_in(state["seed"], zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _frame_rate(feats: Features, default: float) -> tf.Tensor:
+  values = feats[schema.FRAME_RATE]
+  values = values.values if isinstance(values, tf.SparseTensor) else values
+  return tf.concat([tf.cast(values, tf.float32), [default]], 0)[0]
+
+
+def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride: int = 1,
+              crop_size: int = 200, min_resize: Optional[int] = 224, num_test_clips: int = 1,
+              random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
+              color_drop_prob: float = 0.0, space_to_depth: bool = False,
+              frame_rate: float = schema.DEFAULT_FPS) -> None:
+  """Frames: sample -> fused decode-and-crop -> resize to `crop_size` -> [0,1] -> flip/colour.
+
+  Output `video` float32 [T,crop,crop,3] (training) or [N,T,crop,crop,3] (evaluation). The crop window
+  is computed from the JPEG header before decoding, so only the pixels that survive the crop are decoded.
+  Training crop = DMVR resize_smallest(min_resize) -> scale jitter -> random crop, fused into one window;
+  evaluation = resize_smallest -> central crop.
+  """
+  proc.parse_feature(schema.IMAGE_ENCODED, tf.io.FixedLenSequenceFeature([], tf.string),
+                     is_context=False)
+  proc.parse_feature(schema.FRAME_RATE, tf.io.VarLenFeature(tf.float32), is_context=True)
+  span = processors.window_span(num_steps=num_frames, stride=stride)
+  clips = 1 if is_training else num_test_clips
+
+  def sample(feats, state):
+    jpegs = feats[schema.IMAGE_ENCODED]
+    length = tf.shape(jpegs)[0]
+    checks = [_check(length > 0, f"missing key {schema.IMAGE_ENCODED}"),
+              _check(length >= span, f"clip too short: fewer than {span} frames")]
+    state["frame_rate"] = _frame_rate(feats, frame_rate)
+    if "max_frame_start" in state:  # keep the audio window inside the waveform as well
+      length = tf.minimum(length, tf.maximum(state["max_frame_start"], 0) + span)
+    with tf.control_dependencies(checks):
+      if is_training:
+        starts = processors.random_window_start(length=length, num_steps=num_frames, stride=stride,
+                                                seed=sub_seed(state, "frame_start"))[None]
+      else:
+        starts = processors.linspace_window_starts(length=length, num_steps=num_frames, stride=stride,
+                                                   num_windows=num_test_clips)
+    state["frame_starts"] = starts  # [clips]; the audio window is cut from the same frames
+    idx = processors.window_indices(starts, num_steps=num_frames, stride=stride)
+    feats["_jpegs"] = tf.gather(jpegs, tf.reshape(idx, [-1]))
+    return feats
+
+  def decode(feats, state):
+    jpegs = feats.pop("_jpegs")
+    size = processors.jpeg_shape(jpegs[0])
+    if is_training:
+      window = processors.random_crop_window(
+          image_size=size, crop_size=crop_size, min_resize=min_resize,
+          seed=sub_seed(state, "crop"), jitter_prob=processors.SCALE_JITTER_PROB if scale_jitter else 0.0)
+    else:
+      window = processors.center_crop_window(image_size=size, crop_size=crop_size, min_resize=min_resize)
+    frames = processors.decode_and_crop_jpeg(jpegs, window=window)
+    frames.set_shape([clips * num_frames, None, None, 3])
+    feats[F.VIDEO] = processors.resize_frames(frames, height=crop_size, width=crop_size)
+    return feats
+
+  def augment(feats, state):
+    video = processors.normalize_image(feats[F.VIDEO])
+    if is_training and random_flip:
+      video = processors.random_flip_left_right(video, seed=sub_seed(state, "flip"))
+    if is_training and color_augmentation:
+      video = processors.color_augment(video, seed=sub_seed(state, "color"),
+                                       color_drop_prob=color_drop_prob)
+    shape = [num_frames, crop_size, crop_size, 3]
+    feats[F.VIDEO] = tf.reshape(video, shape if is_training else [clips] + shape)
+    return feats
+
+  proc.add_fn(Phase.SAMPLE, "sample_frames", sample)
+  proc.add_fn(Phase.DECODE, "decode_frames", decode)
+  proc.add_fn(Phase.AUGMENT, "augment_frames", augment)
+  if space_to_depth:
+    def s2d(feats, state):
+      feats[F.VIDEO] = processors.space_to_depth(feats[F.VIDEO])
+      return feats
+    proc.add_fn(Phase.FEATURIZE, "space_to_depth", s2d)
+  proc.add_output(F.VIDEO)
+
+
+def add_audio(proc: ClipProcessor, *, is_training: bool, num_samples: int,
+              sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_test_clips: int = 1,
+              frame_rate: float = schema.DEFAULT_FPS, output_waveform: bool = True) -> None:
+  """Waveform window of `num_samples`, cut at the frame window's start when frames are sampled.
+
+  The record's own sample rate (`schema.SAMPLE_RATE`, default `sample_rate`) and frame rate place the
+  window (samples per frame = sample_rate / fps); a record at another sample rate is a bad record.
+  Output `audio` float32 [S] (training) or [N,S] (evaluation); zero-padded if the waveform ends early.
+  """
+  proc.parse_feature(schema.WAVEFORM, tf.io.VarLenFeature(tf.float32), is_context=False)
+  proc.parse_feature(schema.SAMPLE_RATE, tf.io.VarLenFeature(tf.int64), is_context=True)
+  proc.parse_feature(schema.FRAME_RATE, tf.io.VarLenFeature(tf.float32), is_context=True)
+
+  def cut(feats, state):
+    waveform = feats[schema.WAVEFORM].values  # DMVR: one Feature holding the whole waveform
+    rate = tf.concat([feats[schema.SAMPLE_RATE].values, [sample_rate]], 0)[0]
+    length = tf.shape(waveform)[0]
+    checks = [_check(length > 0, f"missing key {schema.WAVEFORM}"),
+              _check(tf.equal(rate, sample_rate), f"audio sample rate differs from {sample_rate}")]
+    with tf.control_dependencies(checks):
+      if "frame_starts" in state:
+        starts = processors.audio_window_start(state["frame_starts"], sample_rate=rate,
+                                               frame_rate=state["frame_rate"])
+      elif is_training:  # audio-only pipeline: sample the window directly
+        starts = processors.random_window_start(length=length, num_steps=num_samples, stride=1,
+                                                seed=sub_seed(state, "audio_start"))[None]
+      else:
+        starts = processors.linspace_window_starts(length=length, num_steps=num_samples, stride=1,
+                                                   num_windows=num_test_clips)
+    audio = processors.cut_waveform(waveform, start=starts, num_samples=num_samples)
+    feats[F.AUDIO] = audio[0] if is_training else audio
+    return feats
+
+  def limit(feats, state):
+    # Latest frame at which a full audio window still fits (frames are sampled after this runs).
+    length = tf.size(feats[schema.WAVEFORM].values)
+    fps = _frame_rate(feats, frame_rate)
+    rate = tf.cast(tf.concat([feats[schema.SAMPLE_RATE].values, [sample_rate]], 0)[0], tf.float32)
+    state["max_frame_start"] = tf.cast(
+        tf.floor(tf.cast(length - num_samples, tf.float32) * fps / rate), tf.int32)
+    return feats
+
+  proc.add_fn(Phase.SAMPLE, "limit_frame_start", limit, before="sample_frames")
+  proc.add_fn(Phase.SAMPLE, "cut_audio", cut)
+  if output_waveform:
+    proc.add_output(F.AUDIO)
+
+
+def add_log_mel(proc: ClipProcessor, *, is_training: bool, sample_rate: int = schema.DEFAULT_SAMPLE_RATE,
+                spec_augment: bool = False, **spectrogram_kwargs) -> None:
+  """`log_mel` [F,80,1] (or [N,F,80,1]) from the `audio` window (needs `add_audio`)."""
+
+  def featurize(feats, state):
+    mel = processors.log_mel_spectrogram(feats[F.AUDIO], sample_rate=sample_rate, **spectrogram_kwargs)
+    if is_training and spec_augment:
+      mel = processors.spec_augment(mel, seed=sub_seed(state, "spec_augment"))
+    feats[F.LOG_MEL] = mel[..., None]
+    return feats
+
+  proc.add_fn(Phase.FEATURIZE, "log_mel", featurize)
+  proc.add_output(F.LOG_MEL)
+
+
+def add_text(proc: ClipProcessor, *, is_training: bool, tokenizer: text_lib.WordTokenizer,
+             num_captions: int = 1, keep_raw_captions: bool = False) -> None:
+  """K candidate captions: `text_ids` [K,L], `text_mask` [K], `has_text` []; `caption` [K] if kept.
+
+  Training draws a random subset of the clip's captions; evaluation keeps the first K.
+  """
+  proc.parse_feature(schema.CAPTION, tf.io.VarLenFeature(tf.string), is_context=True)
+
+  def sample(feats, state):
+    seed = sub_seed(state, "captions") if is_training else None
+    captions = feats[schema.CAPTION].values
+    feats[F.CAPTION], feats[F.TEXT_MASK] = processors.sample_captions(
+        captions, num_captions=num_captions, seed=seed)
+    feats[F.HAS_TEXT] = tf.cast(tf.size(captions) > 0, tf.float32)
+    return feats
+
+  def tokenize(feats, state):
+    feats[F.TEXT_IDS] = tokenizer(feats[F.CAPTION])
+    return feats
+
+  proc.add_fn(Phase.SAMPLE, "sample_captions", sample)
+  proc.add_fn(Phase.FEATURIZE, "tokenize", tokenize)
+  for key in (F.TEXT_IDS, F.TEXT_MASK, F.HAS_TEXT):
+    proc.add_output(key)
+  if keep_raw_captions:
+    proc.add_output(F.CAPTION)
+
+
+def add_label(proc: ClipProcessor) -> None:
+  """`label` int32: the first class index, -1 when the clip has none."""
+  proc.parse_feature(schema.LABEL_INDEX, tf.io.VarLenFeature(tf.int64), is_context=True)
+
+  def featurize(feats, state):
+    feats[F.LABEL] = processors.first_label(feats[schema.LABEL_INDEX].values)
+    return feats
+
+  proc.add_fn(Phase.FEATURIZE, "label", featurize)
+  proc.add_output(F.LABEL)
+
+
+def default_num_audio_samples(*, num_frames: int, stride: int, frame_rate: float, sample_rate: int) -> int:
+  """Audio samples spanning the same time as the frame window (32 frames @ 10 fps, 48 kHz -> 153600)."""
+  return int(round(num_frames * stride / frame_rate * sample_rate))
+
+
+def build_clip_processor(*, is_training: bool, tokenizer: Optional[text_lib.WordTokenizer] = None,
+                         num_frames: int = 32, stride: int = 1, crop_size: int = 200,
+                         min_resize: Optional[int] = 224, num_test_clips: int = 1,
+                         frame_rate: float = schema.DEFAULT_FPS,
+                         sample_rate: int = schema.DEFAULT_SAMPLE_RATE,
+                         num_audio_samples: Optional[int] = None, num_captions: int = 1,
+                         with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
+                         with_waveform: bool = False, with_text: bool = True, with_label: bool = True,
+                         keep_raw_captions: bool = False, random_flip: bool = True,
+                         color_augmentation: bool = True, scale_jitter: bool = True,
+                         color_drop_prob: float = 0.0, spec_augment: bool = False,
+                         space_to_depth: bool = False) -> ClipProcessor:
+  """The MMV recipe as a `ClipProcessor`; flags choose the modalities a model family needs."""
+  proc = ClipProcessor()
+  if with_video:
+    add_video(proc, is_training=is_training, num_frames=num_frames, stride=stride, crop_size=crop_size,
+              min_resize=min_resize, num_test_clips=num_test_clips, random_flip=random_flip,
+              color_augmentation=color_augmentation, scale_jitter=scale_jitter,
+              color_drop_prob=color_drop_prob, space_to_depth=space_to_depth, frame_rate=frame_rate)
+  if with_audio and (with_log_mel or with_waveform):
+    if num_audio_samples is None:
+      num_audio_samples = default_num_audio_samples(num_frames=num_frames, stride=stride,
+                                                    frame_rate=frame_rate, sample_rate=sample_rate)
+    add_audio(proc, is_training=is_training, num_samples=num_audio_samples, sample_rate=sample_rate,
+              num_test_clips=num_test_clips, frame_rate=frame_rate, output_waveform=with_waveform)
+    if with_log_mel:
+      add_log_mel(proc, is_training=is_training, sample_rate=sample_rate, spec_augment=spec_augment)
+  if with_text:
+    if tokenizer is None:
+      raise ValueError("with_text=True needs a vocabulary or a tokenizer")
+    add_text(proc, is_training=is_training, tokenizer=tokenizer, num_captions=num_captions,
+             keep_raw_captions=keep_raw_captions)
+  if with_label:
+    add_label(proc)
+  return proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets.
+
+def list_files(file_patterns: Union[str, Sequence[str]]) -> List[str]:
+  """Sorted, de-duplicated matches of the patterns (local, gs:// or s3:// through TF filesystems)."""
+  patterns = [file_patterns] if isinstance(file_patterns, str) else list(file_patterns)
+  if any(p.startswith("s3://") for p in patterns):
+    import tensorflow_io  # noqa: F401  (lazy: registers the s3:// filesystem)
+  files = set()
+  for pattern in patterns:
+    matches = tf.io.gfile.glob(pattern)
+    if not matches:
+      raise FileNotFoundError(f"no files match {pattern!r}")
+    files.update(matches)
+  return sorted(files)
+
+
+def _base_seed(seed: Optional[int], *salt: int) -> int:
+  if seed is None:
+    return int.from_bytes(os.urandom(7), "little")
+  return zlib.crc32(repr((int(seed),) + tuple(salt)).encode()) & 0x7FFFFFFF
+
+
+def _placeholder(spec):
+  """Zeros (or empty strings) matching a fully defined element spec; marks a skipped record."""
+  return tf.nest.map_structure(
+      lambda s: tf.zeros([d if d is not None else 0 for d in s.shape], s.dtype), spec)
+
+
+def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
+                     counter: BadRecordCounter, deterministic: bool) -> tf.data.Dataset:
+  """Maps `fn` over (serialized, seed); with skipping, a failing record is dropped and counted.
+
+  Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave:
+  errors raised anywhere in parse/decode/checks stay confined to that record, and a placeholder
+  flagged `ok=False` takes its place so that the drop can be counted before it is filtered out.
+  """
+  if not skip_bad_records:
+    return records.map(fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  variable = counter.variable
+
+  def isolate(serialized, seed):
+    good = tf.data.Dataset.from_tensors((serialized, seed)).map(lambda r, s: (fn(r, s), True))
+    bad = tf.data.Dataset.from_tensors((_placeholder(good.element_spec[0]), False))
+    return good.ignore_errors(log_warning=True).concatenate(bad).take(1)
+
+  def keep(feats, ok):
+    with tf.control_dependencies([variable.assign_add(tf.cast(tf.logical_not(ok), tf.int64))]):
+      return tf.identity(ok)
+
+  out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
+                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  return out.filter(keep).map(lambda feats, ok: feats)
+
+
+def _shard_files(files: List[str], input_context) -> tuple:
+  """Files for this input pipeline; falls back to record sharding when there are too few files."""
+  if input_context is None or input_context.num_input_pipelines == 1:
+    return files, False
+  n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+  if len(files) >= n:
+    return files[i::n], False
+  logging.warning("%d files for %d input pipelines: sharding records instead of files", len(files), n)
+  return files, True
+
+
+def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: bool, seed: Optional[int],
+                   salt: int, input_context, shuffle_buffer: int, skip_bad_records: bool,
+                   counter: BadRecordCounter, num_parallel_reads: Optional[int]) -> tf.data.Dataset:
+  """One source: files -> (shuffled) interleaved records -> processed examples (unbatched)."""
+  pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
+  files, shard_records = _shard_files(files, input_context)
+  base = _base_seed(seed, salt, pipeline_id)
+  deterministic = seed is not None or not is_training
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  if is_training:
+    ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
+  # Training interleaves shards in parallel; evaluation reads them one after another (file order).
+  cycle = min(len(files), num_parallel_reads or 8) if is_training else 1
+  read = lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20)
+  if cycle > 1:
+    ds = ds.interleave(read, cycle_length=cycle, block_length=1, num_parallel_calls=AUTOTUNE,
+                       deterministic=deterministic)
+  else:
+    ds = ds.flat_map(read)
+  if shard_records:
+    ds = ds.shard(input_context.num_input_pipelines, pipeline_id)
+  if is_training and shuffle_buffer > 1:
+    ds = ds.shuffle(shuffle_buffer, seed=base + 1, reshuffle_each_iteration=True)
+  # Per-example seed = (pipeline base, running index): reproducible and distinct across pipelines.
+  ds = ds.enumerate().map(lambda i, r: (r, tf.stack([tf.constant(base, tf.int64), i])))
+  return _process_records(ds, processor, skip_bad_records=skip_bad_records, counter=counter,
+                          deterministic=deterministic)
+
+
+def _make_tokenizer(vocabulary, tokenizer, max_tokens):
+  if tokenizer is not None:
+    return tokenizer
+  if vocabulary is None:
+    return None
+  return text_lib.WordTokenizer(vocabulary=vocabulary, max_tokens=max_tokens)
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def make_pretraining_dataset(
+    *, file_patterns: Union[str, Sequence[str], Sequence[Sequence[str]]], batch_size: int,
+    vocabulary: Union[Sequence[str], str, None] = None,
+    tokenizer: Optional[text_lib.WordTokenizer] = None,
+    num_frames: int = 32, stride: int = 1, crop_size: int = 200, min_resize: Optional[int] = 224,
+    frame_rate: float = schema.DEFAULT_FPS, num_captions: int = 1,
+    max_tokens: int = text_lib.DEFAULT_MAX_TOKENS,
+    with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
+    with_waveform: bool = False, with_text: bool = True,
+    sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
+    random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
+    color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
+    seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
+    mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
+    bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
+    num_parallel_reads: Optional[int] = None,
+    customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
+  """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
+
+  Keys (`features.py`): `video` [B,T,H,W,3] float32 in [0,1]; `log_mel` [B,F,80,1]; `audio` [B,S]
+  (with_waveform); `text_ids` [B,K,L] int32, `text_mask` [B,K], `has_text` [B]; `label` [B] int32.
+
+  `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
+  one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
+  its own `has_text` (a clip without captions has has_text 0 and an all-zero text_mask).
+  `input_context` (from `distributed_dataset`) shards files per input pipeline; `batch_size` is then
+  the per-replica batch. With `seed`, the pipeline is deterministic. `customize(processor)` may add,
+  replace or remove named steps of the per-example `ClipProcessor` before the dataset is built.
+  """
+  tok = _make_tokenizer(vocabulary, tokenizer, max_tokens) if with_text else None
+  processor = build_clip_processor(
+      is_training=True, tokenizer=tok, num_frames=num_frames, stride=stride, crop_size=crop_size,
+      min_resize=min_resize, frame_rate=frame_rate, sample_rate=sample_rate,
+      num_audio_samples=num_audio_samples, num_captions=num_captions, with_video=with_video,
+      with_audio=with_audio, with_log_mel=with_log_mel, with_waveform=with_waveform,
+      with_text=with_text, random_flip=random_flip, color_augmentation=color_augmentation,
+      scale_jitter=scale_jitter, color_drop_prob=color_drop_prob, spec_augment=spec_augment,
+      space_to_depth=space_to_depth)
+  if customize is not None:
+    customize(processor)
+  counter = bad_record_counter or _DEFAULT_COUNTER
+  if mixture_weights is None:
+    sources = [file_patterns]
+  else:
+    sources = list(file_patterns)
+    if len(sources) != len(mixture_weights):
+      raise ValueError(f"{len(sources)} sources but {len(mixture_weights)} mixture weights")
+  datasets = [
+      _read_examples(files=list_files(src), processor=processor, is_training=True, seed=seed, salt=i,
+                     input_context=input_context, shuffle_buffer=shuffle_buffer,
+                     skip_bad_records=skip_bad_records, counter=counter,
+                     num_parallel_reads=num_parallel_reads)
+      for i, src in enumerate(sources)]
+  if len(datasets) == 1:
+    ds = datasets[0]
+  else:
+    total = float(sum(mixture_weights))
+    ds = tf.data.Dataset.sample_from_datasets(
+        datasets, weights=[w / total for w in mixture_weights],
+        seed=None if seed is None else _base_seed(seed, -1))
+  ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE,
+                deterministic=seed is not None)
+  ds = ds.prefetch(AUTOTUNE)
+  return ds.with_options(_options(seed is not None))
+
+
+def make_eval_dataset(
+    *, file_patterns: Union[str, Sequence[str]], batch_size: int,
+    vocabulary: Union[Sequence[str], str, None] = None,
+    tokenizer: Optional[text_lib.WordTokenizer] = None,
+    num_frames: int = 32, stride: int = 1, crop_size: int = 200, min_resize: Optional[int] = 224,
+    num_test_clips: int = 1, frame_rate: float = schema.DEFAULT_FPS, num_captions: int = 1,
+    max_tokens: int = text_lib.DEFAULT_MAX_TOKENS,
+    with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
+    with_waveform: bool = False, with_text: bool = True,
+    sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
+    space_to_depth: bool = False, input_context: Optional[tf.distribute.InputContext] = None,
+    drop_remainder: bool = False, skip_bad_records: bool = True,
+    bad_record_counter: Optional[BadRecordCounter] = None,
+    num_parallel_reads: Optional[int] = None,
+    customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
+  """One pass, in file order, deterministic: N linearly spaced clips per video, central crop.
+
+  Keys: `video` [B,N,T,H,W,3], `log_mel` [B,N,F,80,1], `audio` [B,N,S] (with_waveform), `text_ids`
+  [B,K,L], `text_mask` [B,K], `has_text` [B], `caption` [B,K] strings (first K captions), `label` [B].
+  """
+  tok = _make_tokenizer(vocabulary, tokenizer, max_tokens) if with_text else None
+  processor = build_clip_processor(
+      is_training=False, tokenizer=tok, num_frames=num_frames, stride=stride, crop_size=crop_size,
+      min_resize=min_resize, num_test_clips=num_test_clips, frame_rate=frame_rate,
+      sample_rate=sample_rate, num_audio_samples=num_audio_samples, num_captions=num_captions,
+      with_video=with_video, with_audio=with_audio, with_log_mel=with_log_mel,
+      with_waveform=with_waveform, with_text=with_text, keep_raw_captions=with_text,
+      space_to_depth=space_to_depth)
+  if customize is not None:
+    customize(processor)
+  ds = _read_examples(files=list_files(file_patterns), processor=processor, is_training=False, seed=0,
+                      salt=0, input_context=input_context, shuffle_buffer=0,
+                      skip_bad_records=skip_bad_records,
+                      counter=bad_record_counter or _DEFAULT_COUNTER,
+                      num_parallel_reads=num_parallel_reads)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+  return ds.with_options(_options(True))
+
+
+def distributed_dataset(strategy: tf.distribute.Strategy, dataset_fn: Callable[..., tf.data.Dataset], *,
+                        global_batch_size: int):
+  """`strategy.distribute_datasets_from_function` with per-pipeline file shards and per-replica batches.
+
+  `dataset_fn(*, input_context, batch_size)` is called once per input pipeline (worker) with the
+  per-replica batch size, e.g. `functools.partial(make_pretraining_dataset, file_patterns=..., ...)`.
+  """
+  replicas = strategy.num_replicas_in_sync
+  if global_batch_size % replicas:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {replicas} replicas")
+
+  def _fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+    return dataset_fn(input_context=input_context,
+                      batch_size=input_context.get_per_replica_batch_size(global_batch_size))
+
+  return strategy.distribute_datasets_from_function(_fn)
