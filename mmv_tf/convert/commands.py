@@ -1,0 +1,97 @@
+"""`mmv-tf import-checkpoint`: released MMV Haiku pickle -> versioned SavedModel (and optionally a model dir).
+
+  mmv-tf import-checkpoint --format mmv-haiku --variant s3d --checkpoint mmv_s3d.pkl --export_dir /models/mmv \
+      [--num_frames 32] [--vocab vocab.txt] [--model_dir runs/mmv_s3d_released]
+
+Signatures: `video`, `audio_spectrogram` (log-mel [B,F,80,1]), `text_ids` (word ids [B,16]); `text` (strings) only
+with `--vocab`, because the released 65536-word vocabulary is not public (its line i must be the word of row i of
+the checkpoint's embedding table); `audio` (raw waveform, log-mel in-graph with the DMVR recipe, which is not
+verified for MMV). See docs/checkpoints.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--format", default="mmv-haiku", choices=["mmv-haiku"], help="checkpoint format")
+  parser.add_argument("--variant", required=True, choices=["s3d", "tsm-resnet50", "tsm-resnet50x2"],
+                      help="which released model the pickle holds")
+  parser.add_argument("--checkpoint", required=True, help="the .pkl file ({'params', 'state'})")
+  parser.add_argument("--export_dir", required=True, help="export base; the SavedModel goes to BASE/<version>")
+  parser.add_argument("--version", type=int, default=None, help="export version (default: next free)")
+  parser.add_argument("--num_frames", type=int, default=32,
+                      help="frames per clip of the exported video signature (static for S3D/TSM)")
+  parser.add_argument("--crop_size", type=int, default=200, help="recommended frame size (metadata, warmup)")
+  parser.add_argument("--vocab", default=None,
+                      help="vocabulary file, line i = word of embedding row i; adds the `text` signature")
+  parser.add_argument("--model_dir", default=None,
+                      help="also write a model dir (model_config.json + checkpoint [+ vocab.txt]) usable by "
+                      "evaluate, deflate and export")
+  parser.add_argument("--model_config_overrides", default=None,
+                      help="JSON merged into the released config (checkpoints of the same architecture at "
+                      "other widths/depths, e.g. '{\"video_kwargs\": {\"width_multiplier\": 0.5}}')")
+  parser.add_argument("--no_warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests")
+
+
+def _write_model_dir(*, model, model_dir: str, vocab) -> str:
+  import shutil
+  import tensorflow as tf
+  from mmv_tf.models import mmv
+
+  mmv.save_model_config(model_dir, model.get_config())
+  # Same layout as the trainer's checkpoints (key `model`), so restore_from_model_dir / export find it.
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, max_to_keep=1)
+  path = manager.save(checkpoint_number=0)
+  if vocab:
+    with tf.io.gfile.GFile(vocab, "rb") as src, tf.io.gfile.GFile(os.path.join(model_dir, "vocab.txt"), "wb") as dst:
+      shutil.copyfileobj(src, dst)
+  return path
+
+
+def export_signatures(*, model, export_base: str, version=None, vocabulary=None, warmup: bool = True) -> str:
+  """Exports through `mmv_tf.serving.export.export_saved_model` (all signatures, atomic, warmup)."""
+  from mmv_tf.serving import export as export_lib
+  return export_lib.export_saved_model(model=model, export_base=export_base, version=version,
+                                       vocabulary=vocabulary, warmup=warmup,
+                                       extra_info={"imported_from": "mmv-haiku"})
+
+
+def run(args: argparse.Namespace) -> int:
+  from mmv_tf.convert import mmv_haiku
+
+  overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else None
+  vocab_size = None
+  if args.vocab:
+    from mmv_tf.data import text as text_lib
+    vocab_size = len(text_lib.read_vocabulary(args.vocab))
+  print(f"loading {args.checkpoint} ...", flush=True)
+  try:
+    model, report = mmv_haiku.import_checkpoint(variant=args.variant, checkpoint=args.checkpoint,
+                                                num_frames=args.num_frames, crop_size=args.crop_size,
+                                                overrides=overrides)
+  except mmv_haiku.CheckpointMismatchError as e:
+    print(f"mmv-tf import-checkpoint: {e}", file=sys.stderr)
+    return 1
+  print(f"mapped every tensor: {mmv_haiku.summary(model, report)}")
+  if vocab_size is not None and vocab_size != model.vocab_size:
+    print(f"mmv-tf import-checkpoint: --vocab has {vocab_size} tokens but the checkpoint's embedding table "
+          f"has {model.vocab_size} rows", file=sys.stderr)
+    return 1
+  if args.vocab is None:
+    print("no --vocab: the `text` (string) signature is omitted; `text_ids` (int32 word ids "
+          f"[B,{model.max_tokens}], ids < {model.vocab_size}) is exported. The released vocabulary is not "
+          "public; pass --vocab FILE (line i = word of embedding row i) to add `text`.")
+  if args.model_dir:
+    path = _write_model_dir(model=model, model_dir=args.model_dir, vocab=args.vocab)
+    print(f"model dir: {args.model_dir} (checkpoint {path})")
+  out = export_signatures(model=model, export_base=args.export_dir, version=args.version,
+                          vocabulary=args.vocab, warmup=not args.no_warmup)
+  print(f"exported {out}")
+  return 0
+
+
+COMMANDS = {"import-checkpoint": (add_arguments, run)}
