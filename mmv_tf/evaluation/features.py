@@ -63,23 +63,10 @@ def image_embeddings(*, model, image_model, image) -> Dict[str, object]:
   `image_model` either has `embed_image` (returns the three outputs) or is a deflated backbone returning
   {"features"}; the heads are then applied as in `MMVModel.embed_video` (graph fac/shared/disjoint).
   """
-  import tensorflow as tf
-  if hasattr(image_model, "embed_image"):
-    return image_model.embed_image(image, training=False)
   out = image_model(image, training=False)
   if "va" in out:
     return out
-  features = out["features"]
-  graph = getattr(model, "graph", "fac")
-  if graph == "shared":
-    va = model.vid_embd(features, training=False)
-    return {"before_head": features, "va": va, "vat": va}
-  va = model.vid2audio_embd(features, training=False)
-  if graph == "fac":
-    vat = model.vis_embd(tf.nn.relu(va), training=False)
-  else:
-    vat = model.vid2txt_embd(features, training=False)
-  return {"before_head": features, "va": va, "vat": vat}
+  return model.project_video(out["before_head"] if "before_head" in out else out["features"], training=False)
 
 
 def _deflated_network(mmv, model, model_dir: str):

@@ -70,49 +70,66 @@ def _default_images(model_dir: str):
   return None
 
 
-def run(args: argparse.Namespace) -> int:
+def deflate_model_dir(*, model_dir: str, images: str | None = None, steps: int = 200, num_images: int = 256,
+                      num_heldout: int = 64, batch_size: int = 8, learning_rate: float = 1e-3,
+                      checkpoint: str | None = None) -> dict:
+  """Deflates a model dir's video backbone, refits BN gamma/beta, writes `model_dir/deflated/`; returns info.
+
+  Raises ValueError when no images are found (too few to hold some out).
+  """
   import tensorflow as tf
-  from mmv_tf import gin_utils
   from mmv_tf.models import deflation, mmv
 
-  gin_utils.parse_gin_flags(args)
-  model = mmv.restore_from_model_dir(args.model_dir, checkpoint=args.checkpoint)
-  pattern = args.images or _default_images(args.model_dir)
+  model = mmv.restore_from_model_dir(model_dir, checkpoint=checkpoint)
+  pattern = images or _default_images(model_dir)
   if pattern is None:
-    print("mmv-tf deflate: pass --images PATTERN (TFRecords with image/encoded, e.g. the synthetic data's "
-          "images-*.tfrecord)", file=sys.stderr)
-    return 2
-  crop = model.crop_size
-  images = read_images(pattern=pattern, count=args.num_images + args.num_heldout, crop_size=crop)
-  if len(images) < 2:
-    print(f"mmv-tf deflate: found {len(images)} images in {pattern!r}; need at least 2", file=sys.stderr)
-    return 2
-  heldout = images[args.num_images:] if len(images) > args.num_images else images[-max(1, len(images) // 4):]
-  fit = images[:min(args.num_images, len(images) - len(heldout))]
+    raise ValueError("no images: pass --images PATTERN (TFRecords with image/encoded, e.g. the synthetic "
+                     "data's images-*.tfrecord)")
+  all_images = read_images(pattern=pattern, count=num_images + num_heldout, crop_size=model.crop_size)
+  if len(all_images) < 2:
+    raise ValueError(f"found {len(all_images)} images in {pattern!r}; need at least 2")
+  heldout = (all_images[num_images:] if len(all_images) > num_images
+             else all_images[-max(1, len(all_images) // 4):])
+  fit = all_images[:min(num_images, len(all_images) - len(heldout))]
   video_model = model.video_backbone
   image_model = deflation.deflate(video_model)
   t = model.num_frames
 
   def heldout_l1():
     return deflation.feature_l1(video_model=video_model, image_model=image_model, images=heldout, num_frames=t,
-                                batch_size=args.batch_size)
+                                batch_size=batch_size)
 
   before = heldout_l1()
   fit_l1 = deflation.refit_batch_norm(video_model=video_model, image_model=image_model, images=fit, num_frames=t,
-                                      steps=args.steps, learning_rate=args.learning_rate,
-                                      batch_size=args.batch_size)
+                                      steps=steps, learning_rate=learning_rate, batch_size=batch_size)
   after = heldout_l1()
-  info = {"num_frames": t, "steps": args.steps, "learning_rate": args.learning_rate, "images": pattern,
+  info = {"num_frames": t, "steps": steps, "learning_rate": learning_rate, "images": pattern,
           "num_fit_images": int(len(fit)), "num_heldout_images": int(len(heldout)),
           "l1_fit_before": fit_l1["l1_before"], "l1_fit_after": fit_l1["l1_after"],
           "l1_heldout_before": before, "l1_heldout_after": after,
-          "checkpoint": args.checkpoint or tf.train.latest_checkpoint(args.model_dir)}
-  target = mmv.save_deflated(args.model_dir, image_model=image_model, info=info)
-  gin_utils.write_operative_config(target)
+          "checkpoint": checkpoint or tf.train.latest_checkpoint(model_dir)}
+  info["target"] = mmv.save_deflated(model_dir, image_model=image_model, info=info)
+  return info
+
+
+def run(args: argparse.Namespace) -> int:
+  from mmv_tf import gin_utils
+
+  gin_utils.parse_gin_flags(args)
+  try:
+    info = deflate_model_dir(model_dir=args.model_dir, images=args.images, steps=args.steps,
+                             num_images=args.num_images, num_heldout=args.num_heldout,
+                             batch_size=args.batch_size, learning_rate=args.learning_rate,
+                             checkpoint=args.checkpoint)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"mmv-tf deflate: {e}", file=sys.stderr)
+    return 2
+  gin_utils.write_operative_config(info["target"])
   print(json.dumps({k: info[k] for k in ("l1_fit_before", "l1_fit_after", "l1_heldout_before",
                                          "l1_heldout_after")}))
-  print(f"L1(image features, still-video features): held-out {before:.5f} -> {after:.5f} "
-        f"({len(fit)} fit / {len(heldout)} held-out images, {args.steps} steps); wrote {target}")
+  print(f"L1(image features, still-video features): held-out {info['l1_heldout_before']:.5f} -> "
+        f"{info['l1_heldout_after']:.5f} ({info['num_fit_images']} fit / {info['num_heldout_images']} held-out "
+        f"images, {info['steps']} steps); wrote {info['target']}")
   return 0
 
 

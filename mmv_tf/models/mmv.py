@@ -165,7 +165,9 @@ class MMVModel(keras.Model):
     model_config.pop("name", None)
     model_config.pop("trainable", None)
     super().__init__(name="mmv")
-    self._model_config = complete_config(model_config)
+    # Kept as JSON text: a dict attribute would be wrapped by Keras/TF tracking (and deep-copying the
+    # wrapper copies the model: get_config took 30 s on the tiny model).
+    self._model_config_json = json.dumps(complete_config(model_config), sort_keys=True)
     c = self._model_config
     self.graph = c["graph"]
     self.video_backbone = _make_video_backbone(c)
@@ -208,8 +210,12 @@ class MMVModel(keras.Model):
 
   # -- configuration ---------------------------------------------------------------------------------------------
 
+  @property
+  def _model_config(self) -> dict[str, Any]:
+    return json.loads(self._model_config_json)
+
   def get_config(self) -> dict[str, Any]:
-    return copy.deepcopy(self._model_config)
+    return self._model_config
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
@@ -244,7 +250,11 @@ class MMVModel(keras.Model):
   def embed_video(self, video, training=False) -> dict[str, tf.Tensor]:
     """video float32 [B,T,H,W,3] in [0,1] -> before_head [B,D_v], va [B,va_dim], vat [B,vat_dim]."""
     training = bool(training)
-    features = self.video_backbone(video, training=training)["features"]
+    return self.project_video(self.video_backbone(video, training=training)["features"], training=training)
+
+  def project_video(self, features, training=False) -> dict[str, tf.Tensor]:
+    """The video heads on backbone features [B,D_v] (shared by videos and deflated images)."""
+    training = bool(training)
     if self.graph == "shared":
       va = self.vid_embd(features, training=training)
       return {"before_head": _f32(features), "va": _f32(va), "vat": _f32(va)}
@@ -254,6 +264,12 @@ class MMVModel(keras.Model):
     else:
       vat = self.vid2txt_embd(features, training=training)
     return {"before_head": _f32(features), "va": _f32(va), "vat": _f32(vat)}
+
+  def embed_image(self, images, *, image_model, training=False) -> dict[str, tf.Tensor]:
+    """images [B,H,W,3] in [0,1] through a deflated video backbone (or `load_deflated`'s ImageEmbedder), then
+    the video heads -> before_head, va, vat."""
+    out = image_model(images, training=bool(training))
+    return self.project_video(out["before_head"] if "before_head" in out else out["features"], training=training)
 
   def embed_audio(self, log_mel, training=False) -> dict[str, tf.Tensor]:
     """log_mel float32 [B,F,80,1] -> last_conv [B,F/32,3,2048], va [B,va_dim], vat."""

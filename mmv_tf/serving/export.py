@@ -227,20 +227,15 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
 def load_image_model(model_dir: str, *, model=None):
   """(deflated image network, None) for `model_dir`, or (None, reason it is missing).
 
-  Prefers a deflated network saved by `mmv-tf deflate` (`deflation.load_deflated(model_dir)`, BN refit);
+  Prefers a deflated network saved by `mmv-tf deflate` (`mmv.load_deflated(model_dir)`, BN refit);
   otherwise deflates `model.video_backbone` here (`deflation.deflate`, no BN refit).
   """
+  from mmv_tf.models import deflation, mmv
   try:
-    from mmv_tf.models import deflation
-  except ModuleNotFoundError:
-    return None, "mmv_tf.models.deflation is not available"
-  loader = getattr(deflation, "load_deflated", None)
-  if loader is not None:
-    try:
-      return loader(model_dir), None
-    except (FileNotFoundError, OSError, ValueError) as e:
-      log.info("no deflated network saved in %s (%s)", model_dir, e)
-  if model is None or not hasattr(deflation, "deflate"):
+    return mmv.load_deflated(model_dir), None
+  except (FileNotFoundError, OSError, ValueError) as e:
+    log.info("no deflated network saved in %s (%s)", model_dir, e)
+  if model is None:
     return None, f"no deflated network in {model_dir} and no model to deflate"
   try:
     image_model = deflation.deflate(model.video_backbone)

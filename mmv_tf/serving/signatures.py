@@ -97,19 +97,7 @@ def _string_checks(strings, signature, input_name, *, utf8: bool):
 
 def video_heads(model, features, *, training: bool = False) -> Dict[str, tf.Tensor]:
   """The video heads of `model` on backbone features [B,D] (what `embed_video` does after the backbone)."""
-  if hasattr(model, "project_video"):
-    return dict(model.project_video(features, training=training))
-  graph = getattr(model, "graph", "fac")
-  f32 = lambda t: tf.cast(t, tf.float32)
-  if graph == "shared":
-    va = model.vid_embd(features, training=training)
-    return {"before_head": f32(features), "va": f32(va), "vat": f32(va)}
-  va = model.vid2audio_embd(features, training=training)
-  if graph == "fac":
-    vat = model.vis_embd(tf.nn.relu(va), training=training)
-  else:
-    vat = model.vid2txt_embd(features, training=training)
-  return {"before_head": f32(features), "va": f32(va), "vat": f32(vat)}
+  return dict(model.project_video(features, training=training))
 
 
 def decode_image_bytes(image_bytes, *, crop_size: int) -> tf.Tensor:
