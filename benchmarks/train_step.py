@@ -1,0 +1,157 @@
+"""Train-step throughput: steps/s, examples/s, achieved FLOP/s vs a large float32 matmul, peak memory.
+
+    .venv/bin/python benchmarks/train_step.py                 # all configs, one subprocess each
+    .venv/bin/python benchmarks/train_step.py --configs s3d_fac_16x112 --steps 5
+
+Each config runs in its own process (peak RSS is per process) and measures, in that same process and
+alternating with the train step, a 2048x2048 float32 matmul: the ratio of the two FLOP/s is what is
+reported, so machine load affects both sides alike. The step is the trainer's forward + backward +
+Adam update on random inputs of the config's shapes (no input pipeline: that is benchmarks/pipeline).
+FLOPs per step = 3 x the forward FLOPs counted from the traced graph (2 per multiply-add in every
+Conv2D/Conv3D/DepthwiseConv/MatMul/BatchMatMul; backward ~ 2x forward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    # name: (model config builder kwargs, batch, frames, crop, audio seconds)
+    "tiny_s3d_fac": dict(kind="tiny", backbone="s3d", batch=32, frames=8, crop=32),
+    "tiny_tsm_fac": dict(kind="tiny", backbone="tsm_resnet50", batch=32, frames=8, crop=32),
+    "s3d_fac_16x112": dict(kind="full", backbone="s3d", batch=8, frames=16, crop=112),
+}
+
+
+def _forward_flops(concrete) -> float:
+  """2 x multiply-adds of the matmul-like ops in a traced forward graph (static shapes required)."""
+  import numpy as np
+  total = 0.0
+  for op in concrete.graph.get_operations():
+    if op.type in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
+      out = op.outputs[0].shape.as_list()
+      kernel = op.inputs[1].shape.as_list()
+      per_output = np.prod(kernel[:-1]) if op.type != "DepthwiseConv2dNative" else np.prod(kernel[:2])
+      total += 2.0 * np.prod(out) * per_output
+    elif op.type in ("MatMul", "BatchMatMulV2"):
+      a = op.inputs[0].shape.as_list()
+      out = op.outputs[0].shape.as_list()
+      k = a[-2] if op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x") else a[-1]
+      total += 2.0 * np.prod(out) * k
+  return float(total)
+
+
+def _model_config(spec):
+  from mmv_tf.models import mmv
+  if spec["kind"] == "tiny":
+    return mmv.tiny_mmv_config(1000, video_backbone=spec["backbone"], num_frames=spec["frames"],
+                               crop_size=spec["crop"])
+  return mmv.complete_config({"video_backbone": spec["backbone"], "vocab_size": 65536,
+                              "preprocessing": {"num_frames": spec["frames"], "crop_size": spec["crop"]}})
+
+
+def run_one(name: str, steps: int, jit: bool) -> dict:
+  import keras
+  import tensorflow as tf
+  from mmv_tf import losses
+  from mmv_tf.models import mmv
+  spec = CONFIGS[name]
+  config = _model_config(spec)
+  model = mmv.build_mmv_model(**config)
+  b, t, c = spec["batch"], spec["frames"], spec["crop"]
+  seconds = t / 10.0  # frames at 10 fps; audio cut to the same window (48 kHz, hop 1024)
+  mel_frames = int(seconds * 48000) // 1024 - 1
+  batch = {"video": tf.random.uniform([b, t, c, c, 3]), "log_mel": tf.random.normal([b, mel_frames, 80, 1]),
+           "text_ids": tf.random.uniform([b, 2, 16], 1, 1000, tf.int32), "text_mask": tf.ones([b, 2]),
+           "has_text": tf.ones([b])}
+  opt = keras.optimizers.Adam(2e-3)
+  opt.build(model.trainable_variables)
+
+  def forward(x):
+    out = model(x, training=True)
+    return losses.mmv_loss(out, x)[0]
+
+  @tf.function(jit_compile=jit)
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = forward(x)
+    grads = tape.gradient(loss, model.trainable_variables)
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  flops_step = 3.0 * _forward_flops(tf.function(forward).get_concrete_function(batch))
+  n = 2048
+  a = tf.random.normal([n, n])
+
+  @tf.function
+  def matmul(x):
+    for _ in range(4):
+      x = tf.matmul(x, a) * 1e-3
+    return x
+
+  t0 = time.perf_counter()
+  step(batch).numpy()  # trace + compile
+  compile_s = time.perf_counter() - t0
+  matmul(a).numpy()
+  step_times, mm_times = [], []
+  for _ in range(steps):  # alternate so that load changes hit both measurements
+    t0 = time.perf_counter()
+    step(batch).numpy()
+    step_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    matmul(a).numpy()
+    mm_times.append(time.perf_counter() - t0)
+  step_s = sorted(step_times)[len(step_times) // 2]
+  mm_s = sorted(mm_times)[len(mm_times) // 2]
+  mm_flops = 4 * 2.0 * n ** 3 / mm_s
+  achieved = flops_step / step_s
+  return {"config": name, "batch": b, "shape": f"{t}x{c}x{c}", "jit": jit, "steps_per_s": 1 / step_s,
+          "examples_per_s": b / step_s, "gflop_per_step": flops_step / 1e9, "achieved_gflops": achieved / 1e9,
+          "matmul_gflops": mm_flops / 1e9, "fraction_of_matmul": achieved / mm_flops,
+          "compile_s": compile_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+          "params_m": sum(int(tf.size(v)) for v in model.trainable_variables) / 1e6}
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per config (median reported)")
+  parser.add_argument("--jit", choices=["on", "off", "both"], default="off",
+                      help="XLA for the step (the trainer's default on one device is on)")
+  parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args._child:
+    name, jit = args._child.split(":")
+    print("RESULT " + json.dumps(run_one(name, args.steps, jit == "1")), flush=True)
+    return 0
+  jits = {"on": [True], "off": [False], "both": [False, True]}[args.jit]
+  rows = []
+  for name in args.configs:
+    for jit in jits:
+      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+      proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--_child",
+                             f"{name}:{int(jit)}"], capture_output=True, text=True, env=env)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode or not lines:
+        print(f"{name} (jit={jit}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        continue
+      rows.append(json.loads(lines[-1][7:]))
+  header = ("| config | batch | T×H×W | XLA | steps/s | examples/s | GFLOP/step | achieved GFLOP/s | "
+            "matmul GFLOP/s | fraction | peak RSS GB | compile s |")
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1))
+  for r in rows:
+    print(f"| {r['config']} | {r['batch']} | {r['shape']} | {'on' if r['jit'] else 'off'} | "
+          f"{r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
+          f"{r['achieved_gflops']:.1f} | {r['matmul_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | "
+          f"{r['peak_rss_gb']:.2f} | {r['compile_s']:.0f} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

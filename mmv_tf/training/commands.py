@@ -1,0 +1,88 @@
+"""`mmv-tf train`: contrastive pretraining configured by gin (gin/mmv/*.gin, gin/tiny/*.gin).
+
+    mmv-tf train --model_dir D --gin_file tiny/mmv_s3d_fac.gin --data_dir DATA
+    mmv-tf train --model_dir gs://B/run --gin_file mmv/s3d_fac.gin --strategy tpu --tpu NAME \
+        --gin_param "train.train_files = [['gs://B/howto100m/train-*'], ['gs://B/audioset/train-*']]"
+
+gin configures `train` (= `mmv_tf.training.trainer.train`, every keyword except model_dir and strategy)
+and `tiny_mmv_config` / `mmv_model_config` for the model. Re-running the same command resumes from
+the latest checkpoint in --model_dir. Exit status 0 also after a SIGTERM (checkpoint written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from mmv_tf import gin_utils
+
+STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
+_REGISTERED = False
+
+
+def register_configurables() -> None:
+  """The configurables the train gin files may bind (registered once, here only)."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  import gin
+  from mmv_tf.models import mmv
+  from mmv_tf.training import trainer
+  gin.external_configurable(trainer.train, name="train", denylist=["model_dir", "strategy", "tpu"])
+  gin.external_configurable(mmv.tiny_mmv_config, name="tiny_mmv_config")
+
+  @gin.configurable("mmv_model_config")
+  def mmv_model_config(**config):
+    """A full MMV model config dict: bind its keys (video_backbone, graph, preprocessing, ...)."""
+    return mmv.complete_config(config)
+
+  del mmv_model_config
+  _REGISTERED = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model_dir", required=True, help="checkpoints, summaries, configs (local or gs://)")
+  parser.add_argument("--strategy", choices=STRATEGIES, default="default",
+                      help="tf.distribute strategy; multi_worker_mirrored reads TF_CONFIG")
+  parser.add_argument("--tpu", default=None, help="TPU name or grpc:// address (with --strategy tpu)")
+  parser.add_argument("--data_dir", default=None,
+                      help="a folder of `make-synthetic`/`make-dataset` shards: sets "
+                      "train.train_files = DATA_DIR/train-*.tfrecord")
+  gin_utils.add_gin_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+  import gin
+  # The strategy first: MultiWorkerMirroredStrategy must exist before other TF work in the process.
+  from mmv_tf.training import checkpointing
+  from mmv_tf.training.strategy import make_strategy
+  strategy = make_strategy(args.strategy, tpu=args.tpu)
+  register_configurables()
+  params = list(args.gin_param)
+  if args.data_dir:
+    params.append(f"train.train_files = '{os.path.join(args.data_dir, 'train-*.tfrecord')}'")
+  gin_utils.parse_gin(list(args.gin_file), params)
+  chief = checkpointing.is_chief(strategy)
+  if chief:  # the full config, in case the run dies early; replaced by the operative config below
+    _write_text(os.path.join(args.model_dir, gin_utils.OPERATIVE_CONFIG_NAME), gin.config_str())
+  train = gin.get_configurable("train")
+  try:
+    result = train(model_dir=args.model_dir, strategy=strategy)
+  finally:
+    if chief:
+      gin_utils.write_operative_config(args.model_dir)
+  if result.preempted:
+    print(f"mmv-tf train: stopped by SIGTERM at step {result.step}; re-run the same command to resume.")
+  else:
+    print(f"mmv-tf train: done, step {result.step}, last checkpoint {result.last_checkpoint}")
+  return 0
+
+
+def _write_text(path: str, text: str) -> None:
+  import tensorflow as tf
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+COMMANDS = {"train": (add_arguments, run)}

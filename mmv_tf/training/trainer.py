@@ -1,0 +1,464 @@
+"""Contrastive pretraining: one custom loop under any tf.distribute strategy (not `model.fit`, which fails
+under MultiWorkerMirroredStrategy with Keras 3).
+
+`train(...)` is generic over three narrow extension points, with MMV defaults:
+  model_builder(**model_config) -> keras.Model whose call(batch, training) returns the MMVModel dict
+  dataset_fn(*, input_context, batch_size) -> tf.data.Dataset of per-replica batches (static shapes)
+  loss_fn(outputs, batch) -> (per-replica loss, {term: per-replica value})   (see `mmv_tf.losses`)
+
+One step (`_StepFunctions`):
+  replica:  forward + backward (XLA-compiled when there is one replica) → all-reduce gradients and metrics
+            → global gradient norm, finiteness, clipping by the global norm
+  host graph: apply the update only if the loss and gradients are finite (a skipped update leaves the
+            weights, optimizer slots and LR untouched); count the step; all-reduce a stop request so that
+            every worker stops at the same step after SIGTERM.
+Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradients are already summed
+here (the global norm needs them), so each replica passes its copy divided by the replica count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import keras
+import tensorflow as tf
+
+from mmv_tf import losses as losses_lib
+from mmv_tf.data import features
+from mmv_tf.training import checkpointing, optimizers, schedules
+from mmv_tf.training import strategy as strategy_lib
+from mmv_tf.training.summaries import SummaryLogger
+
+NAN_POLICIES = ("stop", "skip")
+VOCAB_NAME = "vocab.txt"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the loss or the gradients are NaN/Inf (nan_policy='stop', or too many skips)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model_dir: str
+  step: int                       # global step reached (== steps unless stopped early)
+  preempted: bool                 # stopped by SIGTERM after writing a checkpoint
+  resumed_from: Optional[int]     # step of the checkpoint this run started from
+  skipped_steps: int              # non-finite steps skipped (nan_policy='skip')
+  history: List[Dict[str, float]]  # the logged metrics, one dict per log step (with "step")
+  last_checkpoint: Optional[str]
+
+
+# ---- data and vocabulary --------------------------------------------------------------------------------
+
+def captions_from_records(file_patterns: Union[str, Sequence[str]]) -> List[str]:
+  """All `caption/string` values of the SequenceExamples matched by `file_patterns`, in file order."""
+  from mmv_tf.data import pipeline, schema
+  files = pipeline.list_files(file_patterns)
+  spec = {schema.CAPTION: tf.io.VarLenFeature(tf.string)}
+  captions: List[str] = []
+  ds = tf.data.TFRecordDataset(files).map(
+      lambda s: tf.sparse.to_dense(tf.io.parse_single_sequence_example(s, context_features=spec)[0][
+          schema.CAPTION], default_value=b""))
+  for row in ds.as_numpy_iterator():
+    captions.extend(c.decode("utf-8") for c in row if c)
+  return captions
+
+
+def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[str]],
+                       train_files, max_vocab_size: Optional[int]) -> List[str]:
+  """The vocabulary of a run: the model dir's vocab.txt (resume), else `vocabulary` (a file or a
+  list), else one built from the training captions with the tokenizer's normalisation."""
+  from mmv_tf.data import text
+  existing = os.path.join(model_dir, VOCAB_NAME)
+  if tf.io.gfile.exists(existing):
+    return text.read_vocabulary(existing)
+  if isinstance(vocabulary, str):
+    return text.read_vocabulary(vocabulary)
+  if vocabulary is not None:
+    return list(vocabulary)
+  if train_files is None:
+    raise ValueError("no vocabulary: pass `vocabulary` or `train_files` to build one from captions")
+  return text.build_vocabulary(captions=captions_from_records(train_files), max_size=max_vocab_size)
+
+
+def _pretraining_dataset_fn(*, train_files, vocab: List[str], model_config: Mapping[str, Any],
+                            data_config: Mapping[str, Any], seed: Optional[int]):
+  """`dataset_fn` for `make_pretraining_dataset`; shapes follow the model's preprocessing config."""
+  from mmv_tf.data import pipeline
+  pre = model_config.get("preprocessing", {})
+  kwargs = dict(num_frames=pre.get("num_frames", 32), crop_size=pre.get("crop_size", 200),
+                max_tokens=pre.get("max_tokens", 16), sample_rate=pre.get("sample_rate", 48000))
+  kwargs.update(data_config)
+  return functools.partial(pipeline.make_pretraining_dataset, file_patterns=train_files,
+                           vocabulary=vocab, seed=seed, **kwargs)
+
+
+# ---- the step -----------------------------------------------------------------------------------------
+
+def _embedding_norms(outputs) -> Dict[str, tf.Tensor]:
+  out = {}
+  for tower, heads in outputs.items():
+    for head in ("va", "vat"):
+      if head in heads:
+        out[f"embedding_norm/{tower}_{head}"] = tf.reduce_mean(
+            tf.norm(tf.cast(heads[head], tf.float32), axis=-1))
+  return out
+
+
+class _StepFunctions:
+  """Builds the distributed train step (see the module docstring)."""
+
+  def __init__(self, *, strategy, model, optimizer, loss_fn, metrics_fn, step, clip_grad_norm,
+               jit_compile: bool, loss_scaling: bool):
+    self.strategy, self.model, self.optimizer = strategy, model, optimizer
+    self.loss_fn, self.metrics_fn, self.step = loss_fn, metrics_fn, step
+    self.clip_grad_norm, self.loss_scaling = clip_grad_norm, loss_scaling
+    self._compute = tf.function(self._forward_backward, jit_compile=True) if jit_compile else self._forward_backward
+    self.train_step = tf.function(self._train_step)
+
+  def _forward_backward(self, batch):
+    n = tf.distribute.get_replica_context().num_replicas_in_sync
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      outputs = self.model(batch, training=True)
+      loss, terms = self.loss_fn(outputs, batch)
+      scaled = self.optimizer.scale_loss(loss) if self.loss_scaling else loss
+    grads = tape.gradient(scaled, variables)
+    # Variables outside the loss (e.g. FAC's training-only audio→text head) get zeros: the same
+    # structure on every replica, and Adam/SGD/LARS leave them unchanged.
+    grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+    # Every metric is a per-replica share: summing over replicas gives the global value.
+    metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}}
+    metrics.update(self.metrics_fn(outputs, batch) if self.metrics_fn else {})
+    metrics.update({k: v / float(n) for k, v in _embedding_norms(outputs).items()})
+    return grads, metrics
+
+  def _replica_step(self, batch, stop_request):
+    ctx = tf.distribute.get_replica_context()
+    n = ctx.num_replicas_in_sync
+    # The forward pass updates BN statistics; keep the old values to undo a skipped (non-finite) step.
+    state = [tf.identity(v) for v in self.model.non_trainable_variables]
+    with tf.control_dependencies(state):
+      grads, metrics = self._compute(batch)
+    grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)      # the global gradient
+    metrics = ctx.all_reduce(tf.distribute.ReduceOp.SUM, metrics)  # global values
+    scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
+    unscaled = [g / scale for g in grads] if scale is not None else grads
+    grad_norm = tf.linalg.global_norm(unscaled)
+    finite_loss = tf.reduce_all([tf.math.is_finite(v) for k, v in metrics.items() if k.startswith("loss")])
+    finite = tf.logical_and(finite_loss, tf.math.is_finite(grad_norm))
+    if self.clip_grad_norm:
+      unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_grad_norm, use_norm=grad_norm)
+    # Divided by n: apply_gradients sums over replicas again.
+    to_apply = [(g * scale if scale is not None else g) / float(n) for g in unscaled]
+    metrics["grad_norm"] = grad_norm
+    # With loss scaling, non-finite *gradients* are the LossScaleOptimizer's business (it skips the
+    # update and lowers the scale); only a non-finite loss skips the update here.
+    apply = finite_loss if self.loss_scaling else finite
+    # tf.identity places the (host-fed) flag on this replica's device before the collective.
+    stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop_request)) > 0  # any worker asked
+    return to_apply, metrics, apply, finite, stop, state
+
+  def _apply(self, grads):
+    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+
+  def _undo_state(self, state):
+    for variable, value in zip(self.model.non_trainable_variables, state):
+      variable.assign(value)
+
+  def _train_step(self, iterator, stop_request):
+    s = self.strategy
+    batch = next(iterator)
+    grads, metrics, apply, finite, stop, state = s.run(self._replica_step, args=(batch, stop_request))
+    first = lambda x: s.experimental_local_results(x)[0]  # all-reduced: identical on every replica
+
+    def do_apply():
+      s.run(self._apply, args=(grads,))
+      return tf.constant(True)
+
+    # The condition is in cross-replica context (a cond around merge_call inside a replica is not
+    # supported), and every replica/worker takes the same branch since `apply` is all-reduced.
+    def undo():
+      s.run(self._undo_state, args=(state,))
+      return tf.constant(False)
+
+    tf.cond(first(apply), do_apply, undo)
+    self.step.assign_add(1)
+    return {k: first(v) for k, v in metrics.items()}, first(finite), first(stop)
+
+
+# ---- SIGTERM -------------------------------------------------------------------------------------------
+
+class _StopRequest:
+  """Turns SIGTERM into a flag read between steps (the handler itself does nothing else)."""
+
+  def __init__(self, enabled: bool):
+    self.requested = False
+    self.armed = False  # set once a step has run: before that there is nothing new to save
+    self._previous = None
+    if enabled and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    if not self.armed:  # still building/tracing (can take minutes): die as if unhandled
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# ---- train() ------------------------------------------------------------------------------------------
+
+def train(*, model_dir: str, steps: int, batch_size: int,
+          model_config: Optional[Mapping[str, Any]] = None,
+          train_files: Union[None, str, Sequence] = None,
+          data_config: Optional[Mapping[str, Any]] = None,
+          vocabulary: Union[None, str, Sequence[str]] = None, max_vocab_size: Optional[int] = None,
+          optimizer: str = "adam", learning_rate: float = 2e-3, schedule: str = "warmup_cosine",
+          warmup_steps: int = 0, end_learning_rate: float = 0.0, weight_decay: float = 0.0,
+          momentum: float = 0.9, clip_grad_norm: Optional[float] = None,
+          temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0,
+          loss_direction: str = "symmetric",
+          strategy: Union[None, str, tf.distribute.Strategy] = None, tpu: Optional[str] = None,
+          mixed_precision: Optional[str] = None, jit_compile: Optional[bool] = None,
+          checkpoint_every: int = 1000, keep_checkpoints: int = 3, checkpoint_data_iterator: bool = True,
+          log_every: int = 100, nan_policy: str = "stop", max_skipped_steps: int = 10,
+          seed: Optional[int] = 0, handle_sigterm: bool = True,
+          model_builder: Optional[Callable[..., keras.Model]] = None,
+          dataset_fn: Optional[Callable[..., tf.data.Dataset]] = None,
+          loss_fn: Optional[Callable] = None, metrics_fn: Optional[Callable] = None,
+          on_step: Optional[Callable[[int], None]] = None,
+          print_fn: Optional[Callable[[str], None]] = None) -> TrainResult:
+  """Trains (or resumes training) until the global step reaches `steps`; see docs/training.md.
+
+  Args (the main ones):
+    model_dir: checkpoints, model_config.json, vocab.txt, train/ summaries. Resumes from its latest
+      checkpoint with the exact step, learning rate, optimizer slots and input position.
+    steps: total steps (counting those of earlier runs). batch_size: global batch size.
+    model_config: MMV config (`mmv_tf.models.mmv`); `vocab_size` None/0 = size of the vocabulary.
+    train_files / data_config: TFRecord patterns and extra `make_pretraining_dataset` kwargs.
+    optimizer, learning_rate, schedule, warmup_steps, end_learning_rate, weight_decay, momentum,
+      clip_grad_norm: see `optimizers.make_optimizer` and `schedules.make_schedule`; clipping is by
+      the global norm of the global gradient.
+    temperature, va_weight, vt_weight, loss_direction: `losses.mmv_loss`.
+    strategy: a Strategy or a name for `make_strategy` (default: the current strategy).
+    mixed_precision: None, "mixed_bfloat16" or "mixed_float16" (adds dynamic loss scaling).
+    jit_compile: XLA for forward+backward. Default: on for one GPU; off on CPU (XLA compiles the
+      tiny S3D backward for minutes there) and with several replicas (the loss's all_gather would sit
+      inside the XLA cluster). TPU programs are compiled whatever this says.
+    nan_policy: "stop" raises NonFiniteLossError naming the step and term; "skip" drops the update
+      and continues (at most `max_skipped_steps` in a row).
+    on_step: called on the host with the step after every step (tests, demos).
+    print_fn: where progress lines go (default: stdout, flushed); chief only.
+  """
+  print_fn = print_fn or functools.partial(print, flush=True)
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+  if isinstance(strategy, str) or strategy is None:
+    strategy = strategy_lib.make_strategy(strategy or "default", tpu=tpu)
+  replicas = strategy.num_replicas_in_sync
+  if batch_size % replicas:
+    raise ValueError(f"batch size {batch_size} is not divisible by {replicas} replicas")
+  chief = checkpointing.is_chief(strategy)
+  tf.io.gfile.makedirs(model_dir)
+
+  # Model config, vocabulary and data: MMV defaults unless the caller brings its own pieces.
+  model_config = dict(model_config or {})
+  vocab = None
+  if model_builder is None or dataset_fn is None:
+    from mmv_tf.data import text
+    from mmv_tf.models import mmv
+    vocab = resolve_vocabulary(model_dir=model_dir, vocabulary=vocabulary, train_files=train_files,
+                               max_vocab_size=max_vocab_size)
+    if not model_config.get("vocab_size"):
+      model_config["vocab_size"] = len(vocab)
+    elif model_config["vocab_size"] != len(vocab):
+      raise ValueError(f"model_config vocab_size {model_config['vocab_size']} != {len(vocab)} tokens "
+                       "in the vocabulary")
+  if model_builder is None:
+    model_config = mmv.complete_config(model_config)
+    _check_same_config(model_dir, model_config)
+    model_builder = mmv.build_mmv_model
+    if chief:
+      mmv.save_model_config(model_dir, model_config)
+  if vocab is not None and chief:
+    text.write_vocabulary(os.path.join(model_dir, VOCAB_NAME), vocab)
+  if dataset_fn is None:
+    if train_files is None:
+      raise ValueError("pass `train_files` (TFRecord patterns) or a `dataset_fn`")
+    dataset_fn = _pretraining_dataset_fn(train_files=train_files, vocab=vocab, model_config=model_config,
+                                         data_config=dict(data_config or {}), seed=seed)
+  loss_fn = loss_fn or functools.partial(losses_lib.mmv_loss, temperature=temperature,
+                                         va_weight=va_weight, vt_weight=vt_weight,
+                                         direction=loss_direction)
+  if metrics_fn is None and loss_fn is not None:
+    metrics_fn = _default_metrics_fn(va_weight=va_weight, vt_weight=vt_weight)
+
+  previous_policy = keras.mixed_precision.global_policy()
+  if mixed_precision:
+    keras.mixed_precision.set_global_policy(mixed_precision)
+  stop_request = _StopRequest(handle_sigterm)
+  try:
+    return _run(model_dir=model_dir, steps=steps, batch_size=batch_size, strategy=strategy, chief=chief,
+                model_builder=model_builder, model_config=model_config, dataset_fn=dataset_fn,
+                loss_fn=loss_fn, metrics_fn=metrics_fn, optimizer_name=optimizer,
+                learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+                end_learning_rate=end_learning_rate, weight_decay=weight_decay, momentum=momentum,
+                clip_grad_norm=clip_grad_norm, loss_scaling=mixed_precision == "mixed_float16",
+                jit_compile=_default_jit(replicas) if jit_compile is None else jit_compile,
+                checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
+                nan_policy=nan_policy, max_skipped_steps=max_skipped_steps, stop_request=stop_request,
+                on_step=on_step, print_fn=print_fn)
+  finally:
+    stop_request.restore()
+    keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _default_jit(replicas: int) -> bool:
+  return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
+
+
+def _default_metrics_fn(*, va_weight, vt_weight):
+  def metrics_fn(outputs, batch):
+    if not (va_weight and vt_weight) or features.TEXT_MASK not in batch:
+      return {}
+    return {f"retrieval/{k}": v for k, v in losses_lib.in_batch_retrieval_accuracy(outputs, batch).items()}
+  return metrics_fn
+
+
+def _iterator_is_saveable(iterator, model_dir: str) -> bool:
+  """Whether the input position can be checkpointed: a trackable iterator whose dataset has no
+  stateful ops (e.g. a counter variable updated inside `map` makes SerializeIterator fail)."""
+  if not isinstance(iterator, tf.__internal__.tracking.Trackable):
+    return False
+  probe = os.path.join(model_dir, f".iterator_probe_{os.getpid()}")
+  try:
+    tf.train.Checkpoint(iterator=iterator).write(os.path.join(probe, "probe"))
+    return True
+  except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError, ValueError) as e:
+    logging.info("iterator not saveable: %s", str(e).splitlines()[0])
+    return False
+  finally:
+    if tf.io.gfile.exists(probe):
+      tf.io.gfile.rmtree(probe)
+
+
+def _check_same_config(model_dir: str, config: Mapping[str, Any]) -> None:
+  path = os.path.join(model_dir, "model_config.json")
+  if tf.io.gfile.exists(path) and tf.train.latest_checkpoint(model_dir):
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+    if saved != config:
+      raise ValueError(f"{model_dir} holds checkpoints of a different model config ({path}); use a new "
+                       "model_dir or the same config to resume")
+
+
+def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_config, dataset_fn,
+         loss_fn, metrics_fn, optimizer_name, learning_rate, schedule, warmup_steps, end_learning_rate,
+         weight_decay, momentum, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
+         keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
+         stop_request, on_step, print_fn) -> TrainResult:
+  from mmv_tf.data import pipeline
+  with strategy.scope():
+    model = model_builder(**model_config)
+    lr = schedules.make_schedule(name=schedule, peak=learning_rate, total_steps=max(steps, warmup_steps + 1),
+                                 warmup_steps=warmup_steps, end=end_learning_rate)
+    opt = optimizers.make_optimizer(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay,
+                                    momentum=momentum)
+    if loss_scaling:
+      opt = keras.optimizers.LossScaleOptimizer(opt)
+    optimizers.exclude_biases_and_norms(opt, model.trainable_variables)
+    # Slots must exist before the first distributed step (Keras 3 creates them lazily otherwise and
+    # the first MirroredStrategy step fails).
+    opt.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+  dist_dataset = pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size)
+  iterator = iter(dist_dataset)
+  objects = dict(model=model, optimizer=opt, step=step)
+  if checkpoint_data_iterator:
+    # The input position is saved when the iterator supports it (single device: yes; TF 2.17's
+    # multi-device DistributedIterator: no). Otherwise a resumed run restarts the input pipeline.
+    if _iterator_is_saveable(iterator, model_dir):
+      objects["iterator"] = iterator
+    else:
+      logging.warning("the input iterator cannot be checkpointed (%s); a resumed run restarts the "
+                      "input pipeline", type(iterator).__name__)
+  writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
+                                          strategy=strategy, keep=keep_checkpoints)
+  restored = writer.restore_latest()
+  resumed_from = int(step.numpy()) if restored else None
+  say = print_fn if (chief and print_fn) else (lambda _: None)
+  if restored:
+    say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e})")
+
+  fns = _StepFunctions(strategy=strategy, model=model, optimizer=opt, loss_fn=loss_fn,
+                       metrics_fn=metrics_fn, step=step, clip_grad_norm=clip_grad_norm,
+                       jit_compile=jit_compile, loss_scaling=loss_scaling)
+  logger = SummaryLogger(model_dir=model_dir, chief=chief, total_steps=steps, global_batch_size=batch_size,
+                         print_fn=print_fn)
+  counter = pipeline.default_bad_record_counter()
+  history: List[Dict[str, float]] = []
+  skipped = consecutive = 0
+  last_saved = resumed_from
+  last_path = restored
+  preempted = False
+  current = int(step.numpy())
+  logger.start(current)
+  try:
+    while current < steps:
+      metrics, finite, stop = fns.train_step(iterator, tf.constant(float(stop_request.requested)))
+      current += 1
+      stop_request.armed = True
+      if not bool(finite.numpy()):
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if k.startswith("loss") or k == "grad_norm"
+               if not tf.math.is_finite(v)]
+        message = (f"non-finite values at step {current}: "
+                   + ", ".join(f"{k}={values[k]}" for k in bad)
+                   + f" (terms: {', '.join(f'{k}={v:.4g}' for k, v in values.items() if k.startswith('loss/'))});"
+                   " the update was not applied")
+        skipped += 1
+        consecutive += 1
+        if nan_policy == "stop" or consecutive > max_skipped_steps:
+          raise NonFiniteLossError(message + (f"; last checkpoint: {last_path}" if last_path else ""))
+        logging.warning("%s; skipping (nan_policy='skip', %d in a row)", message, consecutive)
+      else:
+        consecutive = 0
+      if current % log_every == 0 or current == steps:
+        values = {k: float(v) for k, v in metrics.items()}
+        values["learning_rate"] = float(opt.learning_rate)
+        values["skipped_records"] = float(counter.count())
+        values["skipped_steps"] = float(skipped)
+        logger.log(current, values)
+        history.append(dict(values, step=current))
+      if bool(stop.numpy()):
+        last_path = writer.save(current) or last_path
+        last_saved = current
+        preempted = True
+        say(f"SIGTERM: checkpoint written at step {current} ({last_path}); exiting (re-run to resume)")
+        break
+      if current % checkpoint_every == 0 or current == steps:
+        last_path = writer.save(current) or last_path
+        last_saved = current
+      if on_step is not None:
+        on_step(current)
+  finally:
+    logger.close()
+  if last_saved != current and not preempted:
+    last_path = writer.save(current) or last_path
+  return TrainResult(model_dir=model_dir, step=current, preempted=preempted, resumed_from=resumed_from,
+                     skipped_steps=skipped, history=history, last_checkpoint=last_path)
