@@ -8,6 +8,7 @@ they wrote.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 from typing import Iterable, Optional, Sequence
@@ -43,8 +44,23 @@ def parse_gin(gin_files: Iterable[str] = (), gin_params: Iterable[str] = (),
   """Parses gin files (with includes resolved against gin/) and bindings, in that order."""
   gin.add_config_file_search_path(str(GIN_DIR))
   files = [resolve_gin_file(f) for f in gin_files]
-  gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=finalize,
-                                      skip_unknown=False)
+  # gin logs "Path not found: base/x.gin" for every include it then finds on the search path.
+  quiet = _DropMessages("Path not found")
+  logging.getLogger().addFilter(quiet)
+  try:
+    gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=finalize,
+                                        skip_unknown=False)
+  finally:
+    logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith(self.prefix)
 
 
 def parse_gin_flags(args: argparse.Namespace, *, default_files: Sequence[str] = (),

@@ -40,6 +40,7 @@ class EvalProtocol:
   num_spatial_crops: int = 1         # 3 = BraVe (top-left, centre, bottom-right of a min_resize square)
   num_train_clips: int = 2           # probe training clips per training video ("epochs")
   train_augmentation: bool = True    # random crop + flip per training clip (MMV/BraVe); False = windows
+  train_flip: bool = True            # horizontal flips among those augmentations
   probe: P.ProbeConfig = P.ProbeConfig(classifier="svm", c=(1e-3, 1e-2, 1e-1, 1.0))
   probe_feature: str = "before_head"
   audio_probe_feature: str = "last_conv"
@@ -66,7 +67,8 @@ PROTOCOLS: Dict[str, EvalProtocol] = {
     "brave": EvalProtocol(name="brave", num_frames=32, stride=2, crop_size=224, min_resize=256,
                           num_test_clips=10, num_spatial_crops=3, num_train_clips=10,
                           train_augmentation=True, probe=P.PROBE_PRESETS["brave"]),
-    "synthetic": EvalProtocol(),
+    # The synthetic labels include left/right motion: a flipped clip would carry the wrong label.
+    "synthetic": EvalProtocol(train_flip=False),
 }
 
 
@@ -139,7 +141,7 @@ def _train_dataset(pattern, *, protocol: EvalProtocol, inputs: _Inputs, with_aud
   return pipeline.make_pretraining_dataset(
       file_patterns=pattern, batch_size=protocol.batch_size, vocabulary=None, with_text=False,
       num_frames=inputs.num_frames, stride=protocol.stride, crop_size=inputs.crop_size,
-      min_resize=inputs.min_resize, with_audio=with_audio, random_flip=True,
+      min_resize=inputs.min_resize, with_audio=with_audio, random_flip=protocol.train_flip,
       color_augmentation=False, scale_jitter=False, seed=protocol.seed)
 
 
@@ -166,7 +168,7 @@ def _model_inputs(embedder, protocol: EvalProtocol, vocabulary: Optional[str]) -
     raise ValueError("the protocol must give num_frames and crop_size for this model "
                      "(--gin_param 'eval_protocol.num_frames = 32')")
   return _Inputs(num_frames=int(num_frames), crop_size=int(crop),
-                 min_resize=protocol.min_resize or int(crop),
+                 min_resize=protocol.min_resize or pre.get("min_resize") or int(crop),
                  vocabulary=vocabulary or getattr(embedder, "vocabulary_path", None))
 
 
@@ -189,7 +191,7 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
              embedder=None, eval_pattern=None, train_pattern=None, test_pattern=None,
              image_pattern=None, image_train_pattern=None, image_test_pattern=None,
              class_names: Optional[Sequence[str]] = None, vocabulary: Optional[str] = None,
-             protocol: EvalProtocol = EvalProtocol(), tasks: Sequence[str] = ALL_TASKS,
+             protocol: Optional[EvalProtocol] = None, tasks: Sequence[str] = ALL_TASKS,
              cache_dir: Optional[str] = None, report: bool = True, title: Optional[str] = None,
              verbose: bool = True) -> Dict[str, object]:
   """Runs the tasks, writes `output_dir/metrics.json` and `report.html`, returns the metrics dict.
@@ -201,6 +203,7 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
   from mmv_tf.evaluation import features as FE
   from mmv_tf.evaluation import report as R
   started = time.time()
+  protocol = protocol if protocol is not None else PROTOCOLS["synthetic"]
   unknown = set(tasks) - set(ALL_TASKS)
   if unknown:
     raise ValueError(f"unknown tasks {sorted(unknown)}; valid: {ALL_TASKS}")

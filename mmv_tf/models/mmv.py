@@ -61,6 +61,7 @@ DEFAULT_PREPROCESSING = {
     "max_tokens": 16,
     "num_frames": 32,
     "crop_size": 200,
+    "min_resize": 224,  # short side before cropping (DMVR/MMV: 224 -> 200 crops); eval uses the same scale
     "space_to_depth": True,
 }
 
@@ -371,7 +372,8 @@ def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str 
       "va_dim": va_dim,
       "vat_dim": vat_dim,
       "at_dim": va_dim,
-      "preprocessing": {"num_frames": num_frames, "crop_size": crop_size},
+      # Synthetic frames are 64 px: short side to 1.25 x crop, then crop (training random, eval central).
+      "preprocessing": {"num_frames": num_frames, "crop_size": crop_size, "min_resize": int(round(crop_size * 1.25))},
   })
 
 

@@ -93,7 +93,8 @@ def _pretraining_dataset_fn(*, train_files, vocab: List[str], model_config: Mapp
   from mmv_tf.data import pipeline
   pre = model_config.get("preprocessing", {})
   kwargs = dict(num_frames=pre.get("num_frames", 32), crop_size=pre.get("crop_size", 200),
-                max_tokens=pre.get("max_tokens", 16), sample_rate=pre.get("sample_rate", 48000))
+                min_resize=pre.get("min_resize", 224), max_tokens=pre.get("max_tokens", 16),
+                sample_rate=pre.get("sample_rate", 48000))
   kwargs.update(data_config)
   return functools.partial(pipeline.make_pretraining_dataset, file_patterns=train_files,
                            vocabulary=vocab, seed=seed, **kwargs)
