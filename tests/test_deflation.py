@@ -9,18 +9,8 @@ import tensorflow as tf
 from mmv_tf.models import deflation
 from mmv_tf.models.backbones.s3d import S3D
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
+from tests.model_test_utils import randomize_bn
 
-
-def randomize_bn(model, seed=0):
-  rng = np.random.default_rng(seed)
-  for v in model.variables:
-    name = v.path.split("/")[-1]
-    if name == "moving_variance":
-      v.assign(rng.uniform(0.5, 2.0, v.shape))
-    elif name == "gamma":
-      v.assign(rng.uniform(0.5, 1.5, v.shape))
-    elif name in ("beta", "moving_mean", "bias"):
-      v.assign(rng.normal(0.0, 0.1, v.shape))
 
 
 def images(n, size, seed):

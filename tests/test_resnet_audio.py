@@ -1,13 +1,13 @@
 """Audio ResNet-50 v2 on log-mel."""
 from __future__ import annotations
 
-import ast
 
 import numpy as np
 import keras
 import tensorflow as tf
 
 from mmv_tf.models.backbones.resnet_audio import AudioResNet
+from tests.model_test_utils import reference_params
 
 
 def test_parameter_count_shapes_and_haiku_names():
@@ -15,12 +15,7 @@ def test_parameter_count_shapes_and_haiku_names():
   out = model(tf.zeros([1, 150, 80, 1]))  # 3.2 s at 48 kHz, hop 1024, 80 mel bins
   assert sum(int(np.prod(v.shape)) for v in model.variables if "moving_" not in v.path) == 23_494_080
   assert out["last_conv"].shape == (1, 5, 3, 2048) and out["features"].shape == (1, 2048)
-  reference = {}
-  with open("/work/shared/reference/mmv_haiku_params_tsm_resnet_x1.txt") as f:
-    for line in f:
-      _, name, shape = line.rstrip("\n").split(" ", 2)
-      if "/audio_module/" in name and not name.endswith(("/hidden", "/counter")):
-        reference[name.split("audio_module/~/", 1)[1]] = ast.literal_eval(shape)
+  reference = reference_params("tsm_resnet_x1", "audio_module/~/")
   mapping = model.haiku_variable_map()
   assert set(mapping) == set(reference)
   for key, var in mapping.items():

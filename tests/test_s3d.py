@@ -1,7 +1,6 @@
 """S3D-G backbone and the layers it uses (space-to-depth, self-gating)."""
 from __future__ import annotations
 
-import ast
 
 import numpy as np
 import keras
@@ -10,32 +9,10 @@ import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.s3d import S3D
-
-REFERENCE = "/work/shared/reference/mmv_haiku_params_s3d.txt"
-
-
-def randomize_bn(model, seed=0):
-  """Non-trivial BN statistics/affine and biases so that tests see every parameter."""
-  rng = np.random.default_rng(seed)
-  for v in model.variables:
-    name = v.path.split("/")[-1]
-    if name == "moving_variance":
-      v.assign(rng.uniform(0.5, 2.0, v.shape))
-    elif name == "gamma":
-      v.assign(rng.uniform(0.5, 1.5, v.shape))
-    elif name in ("beta", "moving_mean", "bias"):
-      v.assign(rng.normal(0.0, 0.1, v.shape))
+from tests.model_test_utils import randomize_bn, reference_params
 
 
-def reference_params(path, marker):
-  """{haiku name below `marker`: shape} from a reference parameter list (BN EMA `hidden`/`counter` excluded)."""
-  out = {}
-  with open(path) as f:
-    for line in f:
-      _, name, shape = line.rstrip("\n").split(" ", 2)
-      if marker in name and not name.endswith(("/hidden", "/counter")):
-        out[name.split(marker, 1)[1]] = ast.literal_eval(shape)
-  return out
+
 
 
 def squeeze_bn(shape, key):
@@ -81,7 +58,7 @@ def test_parameter_count_and_haiku_names_match_reference():
   trainable = sum(int(np.prod(v.shape)) for v in model.variables if "moving_" not in v.path)
   assert trainable == 9_146_000
   reference = {k.split("visual_module/~/", 1)[1]: s for k, s in
-               reference_params(REFERENCE, "text_audio_video/").items() if "/S3D/" in k}
+               reference_params("s3d", "text_audio_video/").items() if "/S3D/" in k}
   mapping = model.haiku_variable_map()
   assert set(mapping) == set(reference)
   for key, var in mapping.items():

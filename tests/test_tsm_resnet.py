@@ -1,7 +1,6 @@
 """TSM-ResNet backbone and MMV's temporal shift."""
 from __future__ import annotations
 
-import ast
 
 import numpy as np
 import keras
@@ -10,6 +9,7 @@ import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
+from tests.model_test_utils import randomize_bn, reference_params
 
 
 def numpy_shift(x, num_frames, fraction=0.125):
@@ -26,17 +26,6 @@ def numpy_shift(x, num_frames, fraction=0.125):
       out[:, t, ..., c - n:] = v[:, t - 1, ..., :n]
   return out.reshape(x.shape)
 
-
-def randomize_bn(model, seed=0):
-  rng = np.random.default_rng(seed)
-  for v in model.variables:
-    name = v.path.split("/")[-1]
-    if name == "moving_variance":
-      v.assign(rng.uniform(0.5, 2.0, v.shape))
-    elif name == "gamma":
-      v.assign(rng.uniform(0.5, 1.5, v.shape))
-    elif name in ("beta", "moving_mean"):
-      v.assign(rng.normal(0.0, 0.1, v.shape))
 
 
 def test_shift_worked_example():
@@ -65,12 +54,7 @@ def test_parameter_count_and_haiku_names_match_reference(width, expected, ref):
   model = TSMResNet(num_frames=1, width_multiplier=width)
   model(tf.zeros([1, 1, 32, 32, 3]))
   assert sum(int(np.prod(v.shape)) for v in model.variables if "moving_" not in v.path) == expected
-  reference = {}
-  with open(f"/work/shared/reference/mmv_haiku_params_tsm_resnet_{ref}.txt") as f:
-    for line in f:
-      _, name, shape = line.rstrip("\n").split(" ", 2)
-      if "/TSMResNetV2/" in name and not name.endswith(("/hidden", "/counter")):
-        reference[name.split("visual_module/~/", 1)[1]] = ast.literal_eval(shape)
+  reference = reference_params(f"tsm_resnet_{ref}", "visual_module/~/")
   mapping = model.haiku_variable_map()
   assert set(mapping) == set(reference)
   for key, var in mapping.items():
