@@ -37,3 +37,12 @@ def randomize_bn(model, seed: int = 0) -> None:
       v.assign(rng.uniform(0.5, 1.5, v.shape))
     elif name in ("beta", "moving_mean", "bias"):
       v.assign(rng.normal(0.0, 0.1, v.shape))
+
+
+def assert_matches_reference(mapping: dict, reference: dict) -> None:
+  """Same Haiku names, and every Keras variable has the reference shape (BN (1,..,1,C) squeezed to (C,))."""
+  assert set(mapping) == set(reference), (sorted(set(mapping) ^ set(reference)))[:10]
+  for key, var in mapping.items():
+    shape = tuple(reference[key])
+    expected = (shape[-1],) if "batch_norm" in key else shape
+    assert tuple(var.shape) == expected, key

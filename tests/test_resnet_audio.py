@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from mmv_tf.models.backbones.resnet_audio import AudioResNet
-from tests.model_test_utils import reference_params
+from tests.model_test_utils import assert_matches_reference, reference_params
 
 
 def test_parameter_count_shapes_and_haiku_names():
@@ -17,10 +17,7 @@ def test_parameter_count_shapes_and_haiku_names():
   assert out["last_conv"].shape == (1, 5, 3, 2048) and out["features"].shape == (1, 2048)
   reference = reference_params("tsm_resnet_x1", "audio_module/~/")
   mapping = model.haiku_variable_map()
-  assert set(mapping) == set(reference)
-  for key, var in mapping.items():
-    shape = reference[key]
-    assert tuple(var.shape) == ((shape[-1],) if "batch_norm" in key else tuple(shape)), key
+  assert_matches_reference(mapping, reference)
 
 
 def test_last_conv_is_before_final_batch_norm_and_round_trip():

@@ -9,16 +9,10 @@ import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.s3d import S3D
-from tests.model_test_utils import randomize_bn, reference_params
+from tests.model_test_utils import assert_matches_reference, randomize_bn, reference_params
 
 
 
-
-
-def squeeze_bn(shape, key):
-  """Haiku BN params/state are stored broadcastable (1,...,1,C)."""
-  bn = "batch_norm" in key.rsplit("/", 3)[-2] or "_ema" in key
-  return (shape[-1],) if bn else tuple(shape)
 
 
 def test_space_to_depth_matches_formula():
@@ -60,9 +54,7 @@ def test_parameter_count_and_haiku_names_match_reference():
   reference = {k.split("visual_module/~/", 1)[1]: s for k, s in
                reference_params("s3d", "text_audio_video/").items() if "/S3D/" in k}
   mapping = model.haiku_variable_map()
-  assert set(mapping) == set(reference)
-  for key, var in mapping.items():
-    assert tuple(var.shape) == squeeze_bn(reference[key], key), key
+  assert_matches_reference(mapping, reference)
   assert mapping["S3D/Conv2d_1a_7x7/~/conv3_d/w"].shape == (2, 4, 4, 24, 64)
   assert mapping["S3D/Mixed_5c/Branch_2_Conv2d_0b_3x3/~/conv3_d_1/w"].shape == (3, 1, 1, 128, 128)
 

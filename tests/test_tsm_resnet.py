@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
-from tests.model_test_utils import randomize_bn, reference_params
+from tests.model_test_utils import assert_matches_reference, randomize_bn, reference_params
 
 
 def numpy_shift(x, num_frames, fraction=0.125):
@@ -56,10 +56,7 @@ def test_parameter_count_and_haiku_names_match_reference(width, expected, ref):
   assert sum(int(np.prod(v.shape)) for v in model.variables if "moving_" not in v.path) == expected
   reference = reference_params(f"tsm_resnet_{ref}", "visual_module/~/")
   mapping = model.haiku_variable_map()
-  assert set(mapping) == set(reference)
-  for key, var in mapping.items():
-    shape = reference[key]
-    assert tuple(var.shape) == ((shape[-1],) if "batch_norm" in key else tuple(shape)), key
+  assert_matches_reference(mapping, reference)
 
 
 @pytest.fixture(scope="module")

@@ -274,14 +274,9 @@ class LoadedVersion:
 def list_versions(base_path: str) -> List[int]:
   """Integer version dirs with a saved_model.pb (temporary export dirs are ignored)."""
   import tensorflow as tf
-  if not tf.io.gfile.isdir(base_path):
-    return []
-  out = []
-  for name in tf.io.gfile.listdir(base_path):
-    name = name.rstrip("/")
-    if re.fullmatch(r"\d+", name) and tf.io.gfile.exists(os.path.join(base_path, name, "saved_model.pb")):
-      out.append(int(name))
-  return sorted(out)
+  from mmv_tf.serving.export import existing_versions
+  return [v for v in existing_versions(base_path)
+          if tf.io.gfile.exists(os.path.join(base_path, str(v), "saved_model.pb"))]
 
 
 class Metrics:
