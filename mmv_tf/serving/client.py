@@ -10,12 +10,17 @@ print(similarity_table(...))
 
 Media is decoded client-side: videos with PyAV (frames resampled to the model's fps, short side resized
 and centre-cropped), audio with PyAV (48 kHz mono float32), images with PIL.
+
+`array_to_tensor_proto` / `tensor_proto_to_array` are the numpy TensorProto codec shared with the server
+(`tensor_content` bytes via `np.frombuffer` / `tobytes`, `string_val` for strings); they give the same arrays
+as `tf.make_tensor_proto` / `tf.make_ndarray` without TF's per-call dtype machinery, and fall back to them for
+dtypes numpy cannot hold (bfloat16, float8, quantized, int4).
 """
 from __future__ import annotations
 
 import io
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,6 +48,8 @@ class ServingClient:
     self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
     self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
     self._signatures = None
+    from tensorflow_serving.apis import predict_pb2
+    self._predict_request = predict_pb2.PredictRequest
 
   def close(self):
     self.channel.close()
@@ -95,15 +102,13 @@ class ServingClient:
 
   def predict(self, signature: str, inputs: Mapping[str, np.ndarray],
               output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-    request = predict_pb2.PredictRequest()
+    request = self._predict_request()
     self._spec(request.model_spec, signature)
     for key, value in inputs.items():
-      request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+      array_to_tensor_proto(value, request.inputs[key])  # filled in place: no CopyFrom
     request.output_filter.extend(output_filter)
     response = self.predictions.Predict(request, timeout=self.timeout)
-    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+    return {k: tensor_proto_to_array(v, copy=True) for k, v in response.outputs.items()}
 
   # Convenience wrappers (batch-major numpy in, dict of numpy out).
   def embed_video(self, video: np.ndarray):
@@ -120,6 +125,136 @@ class ServingClient:
 
   def embed_text(self, texts: Sequence[str]):
     return self.predict("text", {"text": np.array([t.encode("utf-8") for t in texts], dtype=object)})
+
+
+# ------------------------------------------------------------------------------------------------------
+# TensorProto <-> numpy (the wire format of Predict requests and responses)
+
+# tensorflow.DataType enum values (tensorflow/core/framework/types.proto) with a plain numpy equivalent,
+# little-endian as in `tensor_content`, and the repeated field TF uses when there is no `tensor_content`.
+DT_STRING = 7
+_NUMPY_OF_DTYPE = {
+    1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("u1"), 5: np.dtype("<i2"),
+    6: np.dtype("i1"), 8: np.dtype("<c8"), 9: np.dtype("<i8"), 10: np.dtype("?"), 17: np.dtype("<u2"),
+    18: np.dtype("<c16"), 19: np.dtype("<f2"), 22: np.dtype("<u4"), 23: np.dtype("<u8"),
+}
+_DTYPE_OF_NUMPY = {d.newbyteorder("=") if d.byteorder in "<>" else d: e for e, d in _NUMPY_OF_DTYPE.items()}
+_VALUE_FIELD = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val", 6: "int_val",
+                8: "scomplex_val", 9: "int64_val", 10: "bool_val", 17: "int_val", 18: "dcomplex_val",
+                19: "half_val", 22: "uint32_val", 23: "uint64_val"}
+
+
+def array_to_tensor_proto(value: Any, proto=None):
+  """A numpy array as a TensorProto (filled in place if `proto` is given, e.g. `request.inputs[key]`).
+
+  Numbers go into `tensor_content` (one `tobytes`), strings into `string_val` (`str` encoded as UTF-8).
+  Anything that is not a numpy array, and dtypes numpy has no plain equivalent for, go through
+  `tf.make_tensor_proto` (so Python lists keep TF's dtype inference).
+  """
+  if proto is None:
+    from tensorflow.core.framework import tensor_pb2
+    proto = tensor_pb2.TensorProto()
+  if not isinstance(value, (np.ndarray, np.generic)):
+    return _tf_tensor_proto(value, proto)
+  value = np.asarray(value)
+  kind = value.dtype.kind
+  if kind in "OSU":
+    flat = value.reshape(-1).tolist()
+    for i, item in enumerate(flat):
+      if type(item) is not bytes:
+        if isinstance(item, str):
+          flat[i] = item.encode("utf-8")
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+          flat[i] = bytes(item)
+        else:
+          raise TypeError(f"element {i} of a string tensor is {type(item).__name__}, not bytes or str")
+    proto.dtype = DT_STRING
+    _set_shape(proto, value.shape)
+    proto.string_val.extend(flat)
+    return proto
+  enum = _DTYPE_OF_NUMPY.get(value.dtype)
+  if enum is None and value.dtype.byteorder in "<>":  # a non-native byte order: same values, native
+    native = value.dtype.newbyteorder("=")
+    if native in _DTYPE_OF_NUMPY:
+      value, enum = value.astype(native), _DTYPE_OF_NUMPY[native]
+  if enum is None:  # bfloat16 / float8 (ml_dtypes), datetimes, records, ...: TF decides
+    return _tf_tensor_proto(value, proto)
+  proto.dtype = enum
+  _set_shape(proto, value.shape)
+  if value.size:
+    if not np.little_endian:  # tensor_content is little-endian
+      value = value.astype(value.dtype.newbyteorder("<"))
+    proto.tensor_content = np.ascontiguousarray(value).tobytes()
+  return proto
+
+
+def _set_shape(proto, shape) -> None:
+  if not shape:  # a scalar: an empty (but present) TensorShapeProto, as TF writes it
+    proto.tensor_shape.SetInParent()
+  dims = proto.tensor_shape.dim
+  for d in shape:
+    dims.add().size = d
+
+
+def _tf_tensor_proto(value, proto):
+  import tensorflow as tf
+  proto.CopyFrom(tf.make_tensor_proto(value))
+  return proto
+
+
+def tensor_proto_to_array(proto, *, copy: bool = False) -> np.ndarray:
+  """A TensorProto as a numpy array, as `tf.make_ndarray` returns it (strings: object array of bytes).
+
+  `tensor_content` is read with `np.frombuffer` (read-only unless `copy`); typed `*_val` fields that are
+  shorter than the shape are padded with their last value, as TF does. Raises ValueError when the content
+  does not fit the shape.
+  """
+  shape = tuple(d.size for d in proto.tensor_shape.dim)
+  n = 1
+  for d in shape:
+    if d < 0:
+      raise ValueError(f"negative dimension in shape {list(shape)}")
+    n *= d
+  enum = proto.dtype
+  if enum == DT_STRING:
+    if proto.tensor_content:
+      raise ValueError("a string tensor cannot use tensor_content")
+    values = list(proto.string_val)
+    if len(values) < n:
+      values.extend([values[-1] if values else b""] * (n - len(values)))
+    elif len(values) > n:
+      raise ValueError(f"{len(values)} string values do not fit shape {list(shape)}")
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array.reshape(shape)
+  dtype = _NUMPY_OF_DTYPE.get(enum)
+  if dtype is None:  # bfloat16, float8, quantized, int4, or not a dtype at all: TF decides
+    import tensorflow as tf
+    return tf.make_ndarray(proto)
+  content = proto.tensor_content
+  if content:
+    if len(content) != n * dtype.itemsize:
+      raise ValueError(f"tensor_content has {len(content)} bytes; shape {list(shape)} of {dtype.name} "
+                       f"needs {n * dtype.itemsize}")
+    array = np.frombuffer(content, dtype=dtype).reshape(shape)
+  else:
+    values = getattr(proto, _VALUE_FIELD[enum])
+    if enum == 19:  # half_val holds the float16 bit patterns
+      array = np.array(values, dtype=np.uint16).view(np.float16)
+    elif enum in (8, 18):  # (real, imaginary) pairs
+      array = np.array(values, dtype=np.float32 if enum == 8 else np.float64).view(dtype)
+    else:
+      array = np.array(values, dtype=dtype.newbyteorder("="))
+    if array.size > n:
+      raise ValueError(f"{array.size} values do not fit shape {list(shape)}")
+    if array.size == 0:
+      array = np.zeros(n, dtype)
+    elif array.size < n:
+      array = np.concatenate([array, np.repeat(array[-1:], n - array.size)])
+    return array.reshape(shape)
+  if dtype.byteorder == "<" and not np.little_endian:
+    array = array.astype(dtype.newbyteorder("="))
+  return array.copy() if copy else array
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 
 from mmv_tf.serving import batching as batching_lib
 from mmv_tf.serving import warmup as warmup_lib
+from mmv_tf.serving.client import array_to_tensor_proto, tensor_proto_to_array
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,14 @@ class TensorInfo:
   key: str
   dtype: Any  # tf.DType
   shape: Tuple[Optional[int], ...]  # None = any size
+  # Derived once so that validating a request touches only numpy (see `_spec_from_tensor_info`):
+  kind: str = dataclasses.field(default="", compare=False)  # "string" | "float" | "int" | "other"
+  numpy_dtype: Any = dataclasses.field(default=None, compare=False)  # None for strings
+  description: str = dataclasses.field(default="", compare=False)
 
   def describe(self) -> str:
+    if self.description:
+      return self.description
     dims = ",".join("?" if d is None else str(d) for d in self.shape)
     return f"{self.dtype.name} [{dims}]"
 
@@ -99,7 +106,17 @@ class TensorInfo:
 def _spec_from_tensor_info(key, tensor_info) -> TensorInfo:
   import tensorflow as tf
   shape = tuple(None if d.size < 0 else int(d.size) for d in tensor_info.tensor_shape.dim)
-  return TensorInfo(key, tf.dtypes.as_dtype(tensor_info.dtype), shape)
+  dtype = tf.dtypes.as_dtype(tensor_info.dtype)
+  if dtype == tf.string:
+    kind, numpy_dtype = "string", None
+  else:
+    kind = "float" if dtype.is_floating else "int" if dtype.is_integer else "other"
+    try:
+      numpy_dtype = np.dtype(dtype.as_numpy_dtype)
+    except (TypeError, KeyError):  # resource / variant: never a request input
+      numpy_dtype = None
+  spec = TensorInfo(key, dtype, shape)
+  return dataclasses.replace(spec, kind=kind, numpy_dtype=numpy_dtype, description=spec.describe())
 
 
 def _is_binary(key: str) -> bool:
@@ -115,104 +132,148 @@ class SignatureRunner:
     self.inputs = {k: _spec_from_tensor_info(k, v) for k, v in signature_def.inputs.items()}
     self.outputs = {k: _spec_from_tensor_info(k, v) for k, v in signature_def.outputs.items()}
     self.options = options
+    self._expected = ", ".join(f"'{k}': {s.describe()}" for k, s in sorted(self.inputs.items()))
+    self._input_keys = frozenset(self.inputs)
+    self._flat_order = _flat_call_order(fn, self.inputs)
 
   def expected(self) -> str:
-    return ", ".join(f"'{k}': {s.describe()}" for k, s in sorted(self.inputs.items()))
+    return self._expected
 
   def _where(self, key: str) -> str:
     return f"signature '{self.name}', input '{key}'"
 
   def check_keys(self, keys) -> None:
     keys = set(keys)
+    if keys == self._input_keys:
+      return
     missing, extra = sorted(set(self.inputs) - keys), sorted(keys - set(self.inputs))
-    if missing or extra:
-      raise invalid(f"signature '{self.name}': input size does not match signature: expected inputs "
-                    f"{{{self.expected()}}}; missing {missing}, unexpected {extra}")
+    raise invalid(f"signature '{self.name}': input size does not match signature: expected inputs "
+                  f"{{{self.expected()}}}; missing {missing}, unexpected {extra}")
 
   def check_proto_size(self, key: str, proto) -> None:
     """Rejects oversized or negative shapes before any array is materialised."""
     dims = [d.size for d in proto.tensor_shape.dim]
-    if any(d < 0 for d in dims):
-      raise invalid(f"{self._where(key)}: negative dimension in shape {dims}")
-    n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n = 1
+    for d in dims:
+      if d < 0:
+        raise invalid(f"{self._where(key)}: negative dimension in shape {dims}")
+      n *= d
     if n > self.options.max_tensor_elements:
       raise invalid(f"{self._where(key)}: tensor too large ({n} elements, shape {dims}); this server "
                     f"accepts at most {self.options.max_tensor_elements} elements per input")
 
   def validate(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Checks dtypes, ranks, static dims, batch, sizes and strings; returns arrays of the right dtype."""
-    import tensorflow as tf
+    """Checks dtypes, ranks, static dims, batch, sizes and strings; returns arrays of the right dtype.
+
+    Plain numpy and Python on the precomputed `TensorInfo`s: no TF call on this path.
+    """
     self.check_keys(inputs)
     out = {}
     batch = None
+    options = self.options
     for key, value in inputs.items():
       spec = self.inputs[key]
-      value = np.asarray(value)
-      got = f"got {_describe_array(value)}"
-      want = f"expected {spec.describe()}"
-      if spec.dtype == tf.string:
-        if value.dtype.kind not in "OSU":
-          raise invalid(f"{self._where(key)}: wrong dtype: {want}, {got}")
-      elif spec.dtype.is_floating:
-        if value.dtype.kind != "f":
-          raise invalid(f"{self._where(key)}: wrong dtype: {want}, {got}")
-      elif spec.dtype.is_integer:
-        if value.dtype.kind not in "iu":
-          raise invalid(f"{self._where(key)}: wrong dtype: {want}, {got}")
-      if value.ndim != len(spec.shape):
-        raise invalid(f"{self._where(key)}: wrong rank: {want}, {got}")
-      for axis, (d, w) in enumerate(zip(value.shape, spec.shape)):
+      if not isinstance(value, np.ndarray):
+        value = np.asarray(value)
+      dkind = value.dtype.kind
+      if ((spec.kind == "string" and dkind not in "OSU") or (spec.kind == "float" and dkind != "f")
+          or (spec.kind == "int" and dkind not in "iu")):
+        self._reject(key, "wrong dtype", spec, value)
+      shape = value.shape
+      if len(shape) != len(spec.shape):
+        self._reject(key, "wrong rank", spec, value)
+      for axis, (d, w) in enumerate(zip(shape, spec.shape)):
         if w is not None and d != w:
-          raise invalid(f"{self._where(key)}: wrong size of dimension {axis}: {want}, {got}")
-      if value.shape[0] == 0:
-        raise invalid(f"{self._where(key)}: empty batch (dimension 0 is 0); {want}")
-      if value.shape[0] > self.options.max_batch_rows:
-        raise invalid(f"{self._where(key)}: batch of {value.shape[0]} is too large; this server accepts "
-                      f"at most {self.options.max_batch_rows} rows per request")
-      if value.size > self.options.max_tensor_elements:
+          self._reject(key, f"wrong size of dimension {axis}", spec, value)
+      if shape[0] == 0:
+        raise invalid(f"{self._where(key)}: empty batch (dimension 0 is 0); expected {spec.describe()}")
+      if shape[0] > options.max_batch_rows:
+        raise invalid(f"{self._where(key)}: batch of {shape[0]} is too large; this server accepts "
+                      f"at most {options.max_batch_rows} rows per request")
+      if value.size > options.max_tensor_elements:
         raise invalid(f"{self._where(key)}: tensor too large ({value.size} elements)")
-      if batch is not None and value.shape[0] != batch:
+      if batch is not None and shape[0] != batch:
         raise invalid(f"signature '{self.name}': inputs disagree on the batch size (dimension 0)")
-      batch = value.shape[0]
-      if spec.dtype == tf.string:
+      batch = shape[0]
+      if spec.kind == "string":
         value = self._check_strings(key, value)
-      elif value.dtype != spec.dtype.as_numpy_dtype:
-        if spec.dtype.is_integer:
-          info = np.iinfo(spec.dtype.as_numpy_dtype)
+      elif value.dtype != spec.numpy_dtype:
+        if spec.kind == "int":
+          info = np.iinfo(spec.numpy_dtype)
           if value.size and (value.min() < info.min or value.max() > info.max):
             raise invalid(f"{self._where(key)}: values out of range for {spec.dtype.name}")
-        value = value.astype(spec.dtype.as_numpy_dtype)
+        value = value.astype(spec.numpy_dtype)
       out[key] = value
     return out
 
+  def _reject(self, key: str, what: str, spec: TensorInfo, value: np.ndarray):
+    raise invalid(f"{self._where(key)}: {what}: expected {spec.describe()}, got {_describe_array(value)}")
+
   def _check_strings(self, key: str, value: np.ndarray) -> np.ndarray:
-    flat = []
-    for i, item in enumerate(value.reshape(-1)):
-      if isinstance(item, str):
-        item = item.encode("utf-8")
-      elif not isinstance(item, (bytes, np.bytes_)):
-        raise invalid(f"{self._where(key)}: element {i} is {type(item).__name__}, expected a string")
-      item = bytes(item)
+    flat = value.reshape(-1).tolist()  # bytes / str objects ('S' and 'U' arrays too)
+    binary = _is_binary(key)
+    for i, item in enumerate(flat):
+      if type(item) is not bytes:
+        if isinstance(item, str):
+          item = item.encode("utf-8")
+        elif isinstance(item, bytes):
+          item = bytes(item)
+        else:
+          raise invalid(f"{self._where(key)}: element {i} is {type(item).__name__}, expected a string")
+        flat[i] = item
       if not item:
         raise invalid(f"{self._where(key)}: element {i} is an empty string")
-      if not _is_binary(key):
+      if not binary and not item.isascii():
         try:
           item.decode("utf-8")
         except UnicodeDecodeError as e:
           raise invalid(f"{self._where(key)}: element {i} is not valid UTF-8 ({e.reason} at byte "
                         f"{e.start})") from None
-      flat.append(item)
-    return np.array(flat, dtype=object).reshape(value.shape)
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(value.shape)
 
   def __call__(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Runs validated inputs (`validate`) through the signature; numpy in, numpy out."""
     import tensorflow as tf
+    specs = self.inputs
     try:
-      outputs = self.fn(**{k: tf.constant(v, dtype=self.inputs[k].dtype) for k, v in inputs.items()})
+      if self._flat_order is not None:
+        # The flat call path: the inputs were validated above against the same dtypes and static shapes
+        # the structured call would check, so skip its argument binding/canonicalisation (~0.15 ms).
+        fn = self.fn
+        args = [tf.constant(inputs[k], dtype=specs[k].dtype) for k in self._flat_order]
+        outputs = fn._call_flat(args, fn.captured_inputs)  # pylint: disable=protected-access
+      else:
+        outputs = self.fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in inputs.items()})
     except tf.errors.InvalidArgumentError as e:
       raise invalid(f"signature '{self.name}' (inputs {{{self.expected()}}}): {_tf_message(e)}") from None
     except (tf.errors.ResourceExhaustedError, MemoryError) as e:
       raise RequestError("RESOURCE_EXHAUSTED", f"signature '{self.name}': {_tf_message(e)}") from None
     return {k: v.numpy() for k, v in outputs.items()}
+
+
+def _flat_call_order(fn, inputs: Mapping[str, TensorInfo]) -> Optional[List[str]]:
+  """Input keys in the order of `fn`'s flat signature, or None where the flat path does not apply.
+
+  Signatures loaded from a SavedModel are ConcreteFunctions whose structured signature is keyword-only
+  tensors (`((), {key: TensorSpec})`); their flat signature takes the same tensors in `_arg_keywords` order.
+  Anything else (or a TF version without these attributes) uses the public keyword call.
+  """
+  try:
+    args, kwargs = fn.structured_input_signature
+    order = list(fn._arg_keywords)  # pylint: disable=protected-access
+    call_flat = getattr(fn, "_call_flat", None)
+    outputs = fn.structured_outputs
+  except (AttributeError, TypeError, ValueError):
+    return None
+  if (args or not isinstance(kwargs, dict) or call_flat is None or not isinstance(outputs, dict)
+      or sorted(order) != sorted(inputs) or set(kwargs) != set(inputs) or len(order) != len(inputs)):
+    return None
+  for key, spec in kwargs.items():
+    if getattr(spec, "dtype", None) != inputs[key].dtype or len(spec.shape) != len(inputs[key].shape):
+      return None
+  return order
 
 
 def _describe_array(value: np.ndarray) -> str:
@@ -379,7 +440,7 @@ class ModelManager:
           continue
         request = record.predict_log.request
         runner = loaded.runner(request.model_spec.signature_name)
-        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        inputs = {k: tensor_proto_to_array(v) for k, v in request.inputs.items()}
         runner(runner.validate(inputs))
         loaded.warmup_requests_replayed += 1
     log.info("model %s version %d: replayed %d warmup requests", self.name, loaded.version, len(logs))
@@ -468,7 +529,6 @@ class ModelManager:
 
 def _grpc_servicers(manager: ModelManager):
   import grpc
-  import tensorflow as tf
   from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                        predict_pb2, prediction_service_pb2_grpc)
 
@@ -488,25 +548,27 @@ def _grpc_servicers(manager: ModelManager):
         out = {}
         for key, proto in request.inputs.items():
           runner.check_proto_size(key, proto)
-          try:
-            out[key] = tf.make_ndarray(proto)
+          try:  # numpy view of tensor_content (no TF call); validated by the manager
+            out[key] = tensor_proto_to_array(proto)
           except Exception as e:  # malformed TensorProto (content/shape mismatch, bad dtype)
             raise invalid(f"{runner._where(key)}: cannot read the TensorProto: {e}") from None
         return out
 
+      spec = request.model_spec
       try:
         loaded, runner, outputs = manager.predict(
-            model_name=request.model_spec.name, signature_name=request.model_spec.signature_name,
-            inputs_fn=inputs_fn, version=requested_version(request.model_spec),
-            output_filter=list(request.output_filter), protocol="grpc")
+            model_name=spec.name, signature_name=spec.signature_name, inputs_fn=inputs_fn,
+            version=requested_version(spec), output_filter=request.output_filter, protocol="grpc")
       except RequestError as e:
         abort(context, e)
       response = predict_pb2.PredictResponse()
-      response.model_spec.name = manager.name
-      response.model_spec.version.value = loaded.version
-      response.model_spec.signature_name = runner.name
+      out_spec = response.model_spec
+      out_spec.name = manager.name
+      out_spec.version.value = loaded.version
+      out_spec.signature_name = runner.name
+      response_outputs = response.outputs
       for key, value in outputs.items():
-        response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        array_to_tensor_proto(value, response_outputs[key])  # dtype, shape, tensor_content bytes
       return response
 
     def GetModelMetadata(self, request, context):
