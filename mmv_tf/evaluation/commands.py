@@ -3,6 +3,10 @@
     mmv-tf evaluate --model_dir D | --saved_model BASE/N --gin_file eval/mmv_ucf101.gin --output OUT \
         [--eval_pattern ...] [--train_pattern ...] [--test_pattern ...] [--image_pattern ...]
 
+A SavedModel exported by `mmv-tf export` carries its preprocessing settings and vocabulary
+(`assets.extra/model_config.json`, `assets/vocab.txt`); for older exports give num_frames, crop_size and
+min_resize with `--gin_param 'eval_protocol.num_frames = 32'` etc.
+
 Data patterns can be given as flags or bound in gin (`evaluation.train_pattern = '...'`); flags win.
 Protocols are gin presets (gin/eval/*.gin) binding `eval_protocol.*`. The library function is
 `mmv_tf.evaluation.runner.evaluate` (re-exported here as `evaluate`).
@@ -77,7 +81,8 @@ def _register_configurables():
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   model = parser.add_mutually_exclusive_group(required=True)
   model.add_argument("--model_dir", help="a model dir written by `mmv-tf train` (Keras checkpoint)")
-  model.add_argument("--saved_model", help="an exported SavedModel version dir BASE/N")
+  model.add_argument("--saved_model", help="an exported SavedModel version dir BASE/N (settings and "
+                     "vocabulary from its assets.extra/model_config.json and assets/vocab.txt)")
   parser.add_argument("--output", required=True, help="where metrics.json, report.html and the "
                       "feature cache (features/) go")
   parser.add_argument("--data_dir", help="a folder with {eval,train,images}-*.tfrecord shards (the "
@@ -120,8 +125,13 @@ def run(args: argparse.Namespace) -> int:
           "them in gin (evaluation.eval_pattern = '...')", file=sys.stderr)
     return 2
   protocol = eval_protocol()
-  results = evaluate(output_dir=args.output, model_dir=args.model_dir, saved_model=args.saved_model,
-                     protocol=protocol, verbose=not args.quiet, **data)
+  from mmv_tf.evaluation import features
+  try:
+    results = evaluate(output_dir=args.output, model_dir=args.model_dir, saved_model=args.saved_model,
+                       protocol=protocol, verbose=not args.quiet, **data)
+  except features.SavedModelError as e:  # what is missing from the export and how to supply it
+    print(f"mmv-tf evaluate: {e}", file=sys.stderr)
+    return 2
   gin_utils.write_operative_config(args.output)
   from mmv_tf.evaluation import report
   print(report.format_table(results))

@@ -3,9 +3,14 @@
 An *embedder* turns model inputs into named embeddings (NumPy). Two implementations:
   * `KerasEmbedder`: an `MMVModel` (restored from a model dir, or any model passed in) plus the deflated
     image network when present;
-  * `SavedModelEmbedder`: the signatures of an exported SavedModel (`video`, `audio_spectrogram` (input
-    `log_mel`), `text_ids` (input `word_ids`), `image`), so released or imported models are evaluated
-    exactly like trained ones.
+  * `SavedModelEmbedder`: the signatures of an exported SavedModel (`video`, `audio` (raw waveform) or
+    `audio_spectrogram` (input `log_mel`), `text` (raw strings) or `text_ids` (input `word_ids`), `image`),
+    with the preprocessing settings and vocabulary the export ships in `assets.extra/model_config.json` and
+    `assets/vocab.txt`, so released or imported models are evaluated exactly like trained ones.
+
+An embedder says what `embed_batch` feeds it: `audio_input` "log_mel" (`embed_audio`) or "waveform"
+(`embed_waveform`, batch key `audio`), `text_input` "ids" (`embed_text`) or "strings" (`embed_captions` on
+the raw `caption` strings).
 
 `extract_split` consumes evaluation batches (`mmv_tf.data.pipeline.make_eval_dataset` layout:
 `video [B,N,T,H,W,3]`, `log_mel [B,N,F,80,1]`, `text_ids [B,K,L]`, `text_mask [B,K]`, `caption [B,K]`,
@@ -94,6 +99,8 @@ def naive_deflation(model):
 class KerasEmbedder:
   """Embeds with an in-process Keras `MMVModel` (and optionally its deflated image network)."""
 
+  audio_input = "log_mel"  # what `embed_batch` feeds: the pipeline's log-mel ...
+  text_input = "ids"       # ... and its word ids
   def __init__(self, *, model, image_model=None, vocabulary_path: Optional[str] = None,
                name: str = "keras"):
     import tensorflow as tf
@@ -131,6 +138,14 @@ class KerasEmbedder:
   def embed_audio(self, log_mel: np.ndarray) -> Dict[str, np.ndarray]:
     return _to_numpy(self._audio(np.asarray(log_mel, np.float32)), AUDIO_OUTPUTS)
 
+  def embed_waveform(self, audio: np.ndarray) -> Dict[str, np.ndarray]:
+    """Waveform [B,S] → log-mel with the model's settings → `embed_audio` (what the `audio` signature does)."""
+    from mmv_tf.data import processors
+    pre = dict(getattr(self.model, "preprocessing_config", {}) or {})
+    kwargs = {k: pre[k] for k in ("sample_rate", *PIPELINE_LOG_MEL) if k in pre}
+    mel = processors.log_mel_spectrogram(np.asarray(audio, np.float32), **kwargs)
+    return self.embed_audio(np.asarray(mel)[..., None])
+
   def embed_text(self, word_ids: np.ndarray) -> Dict[str, np.ndarray]:
     return _to_numpy(self._text(np.asarray(word_ids, np.int32)), TEXT_OUTPUTS)
 
@@ -150,23 +165,199 @@ class KerasEmbedder:
     return _to_numpy(self._image(np.asarray(image, np.float32)), IMAGE_OUTPUTS)
 
 
-class SavedModelEmbedder:
-  """Embeds with the signatures of an exported SavedModel (`BASE/<version>`)."""
+# What evaluation calls, per signature: (input name, dtype, rank, {axis: required size or preprocessing key},
+# outputs). Sizes given as a key are checked against the settings (model_config.json or explicit).
+SIGNATURE_SPECS = {
+    "video": ("video", "float32", 5, {1: "num_frames", 4: 3}, VIDEO_OUTPUTS),
+    "audio": ("audio", "float32", 2, {}, AUDIO_OUTPUTS),
+    "audio_spectrogram": ("log_mel", "float32", 4, {2: "num_mel_bins", 3: 1}, AUDIO_OUTPUTS),
+    "text": ("text", "string", 1, {}, TEXT_OUTPUTS),
+    "text_ids": ("word_ids", "int32", 2, {1: "max_tokens"}, TEXT_OUTPUTS),
+    "image": ("image", "float32", 4, {3: 3}, IMAGE_OUTPUTS),
+}
+# Settings evaluation cannot guess when an export has no assets.extra/model_config.json.
+REQUIRED_SETTINGS = ("num_frames", "crop_size", "min_resize")
+# The spectrogram the data pipeline computes (`pipeline.add_log_mel`: only sample_rate is configurable).
+PIPELINE_LOG_MEL = {"frame_length": 2048, "frame_step": 1024, "num_mel_bins": 80,
+                    "lower_edge_hertz": 80.0, "upper_edge_hertz": 7600.0}
+EXTRA_DIR = "assets.extra"
+MODEL_CONFIG_FILE = "model_config.json"
+EXPORT_INFO_FILE = "mmv_export.json"
 
-  def __init__(self, path: str):
+
+class SavedModelError(ValueError):
+  """A SavedModel that cannot be evaluated (not a SavedModel, signatures missing or with other shapes,
+  settings missing); the message names what and where. `mmv-tf evaluate` prints it and exits 2."""
+
+
+def _read_json(path: str) -> Optional[dict]:
+  import tensorflow as tf
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+class SavedModelEmbedder:
+  """Embeds with the signatures of an exported SavedModel (`BASE/<version>`, `mmv-tf export`).
+
+  Settings come from the export's `assets.extra/model_config.json` (the model's completed config, whose
+  `preprocessing` gives num_frames, crop_size, min_resize, sample_rate, max_tokens, spectrogram settings) and
+  the vocabulary from the asset named in `assets.extra/mmv_export.json` (`assets/vocab.txt`); explicit
+  `preprocessing` entries and `vocabulary_path` override them.
+
+  Signatures used: `video` (windows batched by the caller), `audio` (raw waveform: the export's own log-mel)
+  or else `audio_spectrogram`, `text` (raw strings: the export's own tokenizer) or else `text_ids`, and
+  `image` (deflated network). They are checked at load time (names, dtypes, ranks, and sizes against the
+  settings: static T = num_frames, word_ids length = max_tokens, mel bins); anything that does not match
+  raises a `SavedModelError` (a ValueError) naming the signature. Settings evaluation cannot do without
+  (`REQUIRED_SETTINGS`) are checked by `missing_settings`, which `runner.evaluate` calls.
+
+  `audio_input` ("waveform" | "log_mel") and `text_input` ("strings" | "ids") choose explicitly; the
+  default ("auto") takes the first of each pair that the export provides.
+  """
+
+  def __init__(self, path: str, *, preprocessing: Optional[Mapping[str, object]] = None,
+               vocabulary_path: Optional[str] = None, audio_input: str = "auto",
+               text_input: str = "auto", name: Optional[str] = None):
     import tensorflow as tf
     self.path = path
-    self.name = f"saved_model:{os.path.abspath(path)}"
+    self.name = name or f"saved_model:{os.path.abspath(path)}"
+    if not tf.saved_model.contains_saved_model(path):
+      raise SavedModelError(f"{path} is not a SavedModel (no saved_model.pb); give a version dir BASE/N")
     self._loaded = tf.saved_model.load(path)
     self._sigs = self._loaded.signatures
-    vocab = [os.path.join(path, "assets", "vocab.txt"), os.path.join(path, "assets.extra", "vocab.txt")]
-    self.vocabulary_path = next((v for v in vocab if os.path.exists(v)), None)
+    self.signature_names = sorted(self._sigs.keys())
+    self.model_config_path = os.path.join(path, EXTRA_DIR, MODEL_CONFIG_FILE)
+    self.model_config = _read_json(self.model_config_path)
+    self.export_info = _read_json(os.path.join(path, EXTRA_DIR, EXPORT_INFO_FILE)) or {}
+    explicit = {k: v for k, v in dict(preprocessing or {}).items() if v is not None}
+    self.explicit_settings = sorted(explicit)
+    pre: Dict[str, object] = {}
+    if self.model_config is not None:
+      pre.update(self.model_config.get("preprocessing") or {})
+    pre.update(explicit)
+    # The exported graphs fix some sizes: fill what is not known from them (never contradicting).
+    for sig_name, key, axis in (("text_ids", "max_tokens", 1), ("audio_spectrogram", "num_mel_bins", 2)):
+      dim = self._static_dim(sig_name, axis)
+      if key not in pre and dim is not None:
+        pre[key] = dim
+    self.preprocessing = pre
+    self.vocabulary_path = vocabulary_path or self._find_vocabulary()
+    self.audio_input = self._choose(audio_input, {"waveform": "audio", "log_mel": "audio_spectrogram"},
+                                    "audio_input")
+    self.text_input = self._choose(text_input, {"strings": "text", "ids": "text_ids"}, "text_input")
+    self._validate()
+
+  # -- set-up ------------------------------------------------------------------------------------------
+
+  def _input_spec(self, signature: str):
+    if signature not in self._sigs:
+      return None
+    _, kwargs = self._sigs[signature].structured_input_signature
+    return dict(kwargs)
+
+  def _static_dim(self, signature: str, axis: int) -> Optional[int]:
+    spec = self._input_spec(signature)
+    if not spec or len(spec) != 1:
+      return None
+    shape = next(iter(spec.values())).shape
+    if shape.rank is None or axis >= shape.rank:
+      return None
+    return shape[axis]
+
+  def _find_vocabulary(self) -> Optional[str]:
+    recorded = self.export_info.get("vocabulary")
+    candidates = ([os.path.join(self.path, recorded)] if isinstance(recorded, str) else []) + [
+        os.path.join(self.path, "assets", "vocab.txt"), os.path.join(self.path, EXTRA_DIR, "vocab.txt")]
+    return next((v for v in candidates if os.path.exists(v)), None)
+
+  def _choose(self, value: str, options: Mapping[str, str], what: str) -> Optional[str]:
+    if value == "auto":
+      return next((k for k, sig in options.items() if sig in self._sigs), None)
+    if value not in options:
+      raise ValueError(f"{what} must be 'auto' or one of {sorted(options)}, got {value!r}")  # a usage error
+    if options[value] not in self._sigs:
+      raise SavedModelError(f"{what}={value!r} needs the {options[value]!r} signature, which {self.path} does not "
+                       f"have (has {self.signature_names})")
+    return value
+
+  def _validate(self) -> None:
+    problems = []
+    if "video" not in self._sigs:
+      problems.append(f"no 'video' signature (evaluation embeds video in every task); has {self.signature_names}")
+    for sig_name, (input_name, dtype, rank, sizes, outputs) in SIGNATURE_SPECS.items():
+      spec = self._input_spec(sig_name)
+      if spec is None:
+        continue
+      where = f"signature {sig_name!r}"
+      if set(spec) != {input_name}:
+        problems.append(f"{where}: input must be {input_name!r}, has {sorted(spec)}")
+        continue
+      ts = spec[input_name]
+      if ts.dtype.name != dtype:
+        problems.append(f"{where}: input {input_name!r} must be {dtype}, is {ts.dtype.name}")
+      if ts.shape.rank != rank:
+        problems.append(f"{where}: input {input_name!r} must have rank {rank}, has shape {ts.shape}")
+        continue
+      for axis, want in sizes.items():
+        have = ts.shape[axis]
+        expected = self.preprocessing.get(want) if isinstance(want, str) else want
+        if have is not None and expected is not None and int(have) != int(expected):
+          label = f"{want} = {expected}" if isinstance(want, str) else str(expected)
+          problems.append(f"{where}: input {input_name!r} dimension {axis} is {have}, expected {label} "
+                          f"(shape {ts.shape})")
+      missing = set(outputs) - set(self._sigs[sig_name].structured_outputs)
+      if missing:
+        problems.append(f"{where}: outputs {sorted(missing)} missing (has "
+                        f"{sorted(self._sigs[sig_name].structured_outputs)})")
+    if self.audio_input == "log_mel":
+      differ = {k: (self.preprocessing[k], v) for k, v in PIPELINE_LOG_MEL.items()
+                if k in self.preprocessing and float(self.preprocessing[k]) != float(v)}
+      if differ:
+        problems.append(f"signature 'audio_spectrogram': the model's spectrogram settings {differ} (model, "
+                        "pipeline) differ from the evaluation pipeline's log-mel; export the 'audio' "
+                        "signature (raw waveform) or use audio_input='waveform'")
+    if problems:
+      raise SavedModelError(f"SavedModel {self.path} cannot be evaluated:\n  " + "\n  ".join(problems))
+
+  def missing_settings(self, settings: Mapping[str, object],
+                       required: Sequence[str] = REQUIRED_SETTINGS) -> Optional[str]:
+    """None if `settings` has every required key, else an error message naming what is missing and why."""
+    missing = [k for k in required if not settings.get(k)]
+    if not missing:
+      return None
+    if self.model_config is None:
+      why = (f"{self.model_config_path} is missing (an export made before mmv_tf wrote it, or not by "
+             "mmv-tf export)")
+    else:
+      why = f"{self.model_config_path} has no preprocessing entries {missing}"
+    explicit = f" (explicit settings given: {self.explicit_settings})" if self.explicit_settings else (
+        " and they were not given explicitly")
+    return (f"cannot evaluate SavedModel {self.path}: missing preprocessing settings {missing}: {why}{explicit}. "
+            "Pass them explicitly: evaluate(preprocessing={" + ", ".join(f"'{k}': ..." for k in missing)
+            + "}) / SavedModelEmbedder(preprocessing=...), or with mmv-tf evaluate "
+            + " ".join(f"--gin_param 'eval_protocol.{k} = ...'" for k in missing))
+
+  def validate_inputs(self, *, num_frames: Optional[int] = None, max_tokens: Optional[int] = None) -> None:
+    """Fails early if evaluation would feed sizes the exported graphs cannot take."""
+    problems = []
+    t = self._static_dim("video", 1)
+    if num_frames is not None and t is not None and int(num_frames) != int(t):
+      problems.append(f"clips of {num_frames} frames, but signature 'video' takes exactly T = {t}")
+    length = self._static_dim("text_ids", 1)
+    if self.text_input == "ids" and max_tokens is not None and length is not None and int(max_tokens) != length:
+      problems.append(f"captions tokenized to {max_tokens} ids, but signature 'text_ids' takes {length}")
+    if problems:
+      raise SavedModelError(f"SavedModel {self.path}: " + "; ".join(problems))
+
+  # -- embedding ---------------------------------------------------------------------------------------
 
   def _call(self, signature: str, arg: str, value, dtype, names):
     import tensorflow as tf
     if signature not in self._sigs:
       raise NotImplementedError(f"{self.path} has no {signature!r} signature "
-                                f"(has {sorted(self._sigs.keys())})")
+                                f"(has {self.signature_names})")
     return _to_numpy(self._sigs[signature](**{arg: tf.constant(value, dtype)}), names)
 
   @property
@@ -175,23 +366,55 @@ class SavedModelEmbedder:
 
   def embed_video(self, video):
     import tensorflow as tf
-    return self._call("video", "video", video, tf.float32, VIDEO_OUTPUTS)
+    return self._call("video", "video", np.asarray(video, np.float32), tf.float32, VIDEO_OUTPUTS)
 
   def embed_audio(self, log_mel):
+    """log-mel [B,F,80,1] (the pipeline's) through `audio_spectrogram`."""
     import tensorflow as tf
-    return self._call("audio_spectrogram", "log_mel", log_mel, tf.float32, AUDIO_OUTPUTS)
+    return self._call("audio_spectrogram", "log_mel", np.asarray(log_mel, np.float32), tf.float32,
+                      AUDIO_OUTPUTS)
+
+  def embed_waveform(self, audio):
+    """Waveform [B,S] through `audio` (log-mel computed in the exported graph)."""
+    import tensorflow as tf
+    return self._call("audio", "audio", np.asarray(audio, np.float32), tf.float32, AUDIO_OUTPUTS)
 
   def embed_text(self, word_ids):
     import tensorflow as tf
-    return self._call("text_ids", "word_ids", word_ids, tf.int32, TEXT_OUTPUTS)
+    return self._call("text_ids", "word_ids", np.asarray(word_ids, np.int32), tf.int32, TEXT_OUTPUTS)
 
   def embed_image(self, image):
     import tensorflow as tf
-    return self._call("image", "image", image, tf.float32, IMAGE_OUTPUTS)
+    return self._call("image", "image", np.asarray(image, np.float32), tf.float32, IMAGE_OUTPUTS)
 
   def embed_captions(self, strings):
+    """Raw strings through `text` (the export's tokenizer). Empty strings (padding captions, which the
+    signature rejects) get the embedding of all-padding ids, as the pipeline's tokenizer gives them."""
     import tensorflow as tf
-    return self._call("text", "text", list(strings), tf.string, TEXT_OUTPUTS)
+    strings = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in strings]
+    if "text" not in self._sigs:
+      raise NotImplementedError(f"{self.path} has no 'text' signature (has {self.signature_names})")
+    real = [i for i, s in enumerate(strings) if s]
+    empty = [i for i, s in enumerate(strings) if not s]
+    parts = {}
+    if real:
+      parts["real"] = self._call("text", "text", [strings[i] for i in real], tf.string, TEXT_OUTPUTS)
+    if empty:
+      length = self._static_dim("text_ids", 1) or int(self.preprocessing.get("max_tokens", 16))
+      if "text_ids" in self._sigs:
+        parts["empty"] = self.embed_text(np.zeros((len(empty), length), np.int32))
+      else:
+        dim = next(iter(parts["real"].values())).shape[-1] if real else 1
+        parts["empty"] = {"vat": np.zeros((len(empty), dim), np.float32)}
+    out = {}
+    for key in TEXT_OUTPUTS:
+      rows = [None] * len(strings)
+      for idx, part in ((real, parts.get("real")), (empty, parts.get("empty"))):
+        if part is not None:
+          for j, i in enumerate(idx):
+            rows[i] = part[key][j]
+      out[key] = np.stack(rows).astype(np.float32)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,24 +473,41 @@ def embed_batch(*, embedder, batch: Mapping[str, object], modalities: Sequence[s
     b, n = video.shape[:2]
     emb = _embed_in_chunks(embedder.embed_video, video.reshape(b * n, *video.shape[2:]), max_batch)
     out.update({f"video/{k}": v.reshape(b, n, -1) for k, v in emb.items()})
-  if "audio" in modalities and F.LOG_MEL in batch:
+  audio_input = getattr(embedder, "audio_input", "log_mel")
+  if "audio" in modalities and audio_input == "waveform" and F.AUDIO in batch:
+    wave = np.asarray(batch[F.AUDIO], np.float32)
+    if wave.ndim == 2:
+      wave = wave[:, None]
+    b, n = wave.shape[:2]
+    emb = _embed_in_chunks(embedder.embed_waveform, wave.reshape(b * n, wave.shape[-1]), max_batch)
+    out.update({f"audio/{k}": v.reshape(b, n, -1) for k, v in emb.items()})
+  elif "audio" in modalities and audio_input is not None and F.LOG_MEL in batch:
     mel = np.asarray(batch[F.LOG_MEL], np.float32)
     if mel.ndim == 4:
       mel = mel[:, None]
     b, n = mel.shape[:2]
     emb = _embed_in_chunks(embedder.embed_audio, mel.reshape(b * n, *mel.shape[2:]), max_batch)
     out.update({f"audio/{k}": v.reshape(b, n, -1) for k, v in emb.items()})
-  if "text" in modalities and F.TEXT_IDS in batch:
-    ids = np.asarray(batch[F.TEXT_IDS], np.int32)
-    b, k = ids.shape[:2]
-    emb = _embed_in_chunks(embedder.embed_text, ids.reshape(b * k, -1), max_batch)
+  text_input = getattr(embedder, "text_input", "ids")
+  if "text" in modalities and text_input is not None and (F.TEXT_IDS in batch or F.CAPTION in batch):
+    captions = None
+    if F.CAPTION in batch:
+      captions = np.vectorize(
+          lambda s: s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s),
+          otypes=[object])(np.asarray(batch[F.CAPTION], object))
+    if text_input == "strings" and captions is not None:
+      # Raw captions through the embedder's own tokenizer (a SavedModel's `text` signature).
+      b, k = captions.shape[:2]
+      emb = _embed_in_chunks(embedder.embed_captions, captions.reshape(b * k), max_batch)
+    else:
+      ids = np.asarray(batch[F.TEXT_IDS], np.int32)
+      b, k = ids.shape[:2]
+      emb = _embed_in_chunks(embedder.embed_text, ids.reshape(b * k, -1), max_batch)
     out.update({f"text/{name}": v.reshape(b, k, -1) for name, v in emb.items()})
     mask = batch.get(F.TEXT_MASK)
     out["text/mask"] = (np.asarray(mask, np.float32) if mask is not None else np.ones((b, k), np.float32))
-    if F.CAPTION in batch:
-      out["text/caption"] = np.vectorize(
-          lambda s: s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s),
-          otypes=[object])(np.asarray(batch[F.CAPTION], object)).astype(str)
+    if captions is not None:
+      out["text/caption"] = captions.astype(str)
   if "image" in modalities and "image" in batch:
     images = np.asarray(batch["image"], np.float32)
     out["image/thumbnails"] = _thumbnails(images[:, None, None])[:, :1]

@@ -33,7 +33,7 @@ class EvalProtocol:
   """Clip sampling and classifier of an evaluation protocol (None = the model's preprocessing)."""
   name: str = "synthetic"
   num_frames: Optional[int] = None
-  stride: int = 1
+  stride: Optional[int] = None      # frame step; None = the model's `preprocessing.stride` (else 1)
   crop_size: Optional[int] = None
   min_resize: Optional[int] = None
   num_test_clips: int = 4            # linearly spaced temporal windows per test/eval video
@@ -113,9 +113,19 @@ def read_class_names(pattern, fallback: Optional[int] = None) -> List[str]:
 @dataclasses.dataclass
 class _Inputs:
   num_frames: int
+  stride: int
   crop_size: int
   min_resize: Optional[int]
   vocabulary: Optional[str]
+  sample_rate: int = 48000
+  max_tokens: int = 16
+  audio_input: Optional[str] = "log_mel"  # what the embedder takes: "log_mel", "waveform" or None (no audio)
+
+  def audio_kwargs(self, with_audio: bool) -> Dict[str, object]:
+    """Pipeline flags: the waveform for embedders that compute their own log-mel (SavedModel `audio`)."""
+    with_audio = with_audio and self.audio_input is not None
+    return dict(with_audio=with_audio, with_waveform=with_audio and self.audio_input == "waveform",
+                with_log_mel=with_audio and self.audio_input != "waveform", sample_rate=self.sample_rate)
 
 
 def _pipeline_crop(protocol: EvalProtocol, inputs: _Inputs) -> int:
@@ -130,46 +140,67 @@ def _eval_dataset(pattern, *, protocol: EvalProtocol, inputs: _Inputs, with_audi
   from mmv_tf.data import pipeline
   return pipeline.make_eval_dataset(
       file_patterns=pattern, batch_size=protocol.batch_size, vocabulary=inputs.vocabulary,
-      num_frames=num_frames or inputs.num_frames, stride=protocol.stride,
+      num_frames=num_frames or inputs.num_frames, stride=inputs.stride,
       crop_size=_pipeline_crop(protocol, inputs) if num_frames is None else inputs.crop_size,
-      min_resize=inputs.min_resize, num_test_clips=num_clips,
-      num_captions=protocol.num_captions, with_audio=with_audio, with_text=with_text)
+      min_resize=inputs.min_resize, num_test_clips=num_clips, max_tokens=inputs.max_tokens,
+      num_captions=protocol.num_captions, with_text=with_text, **inputs.audio_kwargs(with_audio))
 
 
 def _train_dataset(pattern, *, protocol: EvalProtocol, inputs: _Inputs, with_audio: bool):
   from mmv_tf.data import pipeline
   return pipeline.make_pretraining_dataset(
       file_patterns=pattern, batch_size=protocol.batch_size, vocabulary=None, with_text=False,
-      num_frames=inputs.num_frames, stride=protocol.stride, crop_size=inputs.crop_size,
-      min_resize=inputs.min_resize, with_audio=with_audio, random_flip=protocol.train_flip,
-      color_augmentation=False, scale_jitter=False, seed=protocol.seed)
+      num_frames=inputs.num_frames, stride=inputs.stride, crop_size=inputs.crop_size,
+      min_resize=inputs.min_resize, random_flip=protocol.train_flip,
+      color_augmentation=False, scale_jitter=False, seed=protocol.seed, **inputs.audio_kwargs(with_audio))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Embedder.
 
 def make_embedder(*, model_dir: Optional[str] = None, saved_model: Optional[str] = None,
-                  with_images: bool = True):
+                  with_images: bool = True, preprocessing: Optional[Mapping[str, object]] = None,
+                  vocabulary: Optional[str] = None):
+  """`KerasEmbedder` of a model dir or `SavedModelEmbedder` of an export (settings from its
+  assets.extra/model_config.json; `preprocessing` / `vocabulary` override them)."""
   from mmv_tf.evaluation import features as FE
   if (model_dir is None) == (saved_model is None):
     raise ValueError("give exactly one of model_dir and saved_model")
   if model_dir is not None:
     return FE.KerasEmbedder.from_model_dir(model_dir, with_images=with_images)
-  return FE.SavedModelEmbedder(saved_model)
+  return FE.SavedModelEmbedder(saved_model, preprocessing=preprocessing, vocabulary_path=vocabulary)
 
 
-def _model_inputs(embedder, protocol: EvalProtocol, vocabulary: Optional[str]) -> _Inputs:
+def _model_inputs(embedder, protocol: EvalProtocol, vocabulary: Optional[str],
+                  preprocessing: Optional[Mapping[str, object]] = None) -> _Inputs:
+  """Settings, first found wins: the protocol's clip sampling, explicit `preprocessing`, the embedder's
+  (a SavedModel's model_config.json), the Keras model's config."""
+  from mmv_tf.data import schema, text as text_lib
   model = getattr(embedder, "model", None)
   pre = dict(getattr(model, "preprocessing_config", {}) or {}) if model is not None else {}
   pre.update(getattr(embedder, "preprocessing", {}) or {})
-  num_frames = protocol.num_frames or pre.get("num_frames")
-  crop = protocol.crop_size or pre.get("crop_size")
+  pre.update({k: v for k, v in dict(preprocessing or {}).items() if v is not None})
+  for key in ("num_frames", "stride", "crop_size", "min_resize"):
+    if getattr(protocol, key):
+      pre[key] = getattr(protocol, key)
+  missing = getattr(embedder, "missing_settings", None)
+  message = missing(pre) if missing is not None else None
+  if message:
+    from mmv_tf.evaluation import features as FE
+    raise FE.SavedModelError(message)
+  num_frames, crop = pre.get("num_frames"), pre.get("crop_size")
   if not num_frames or not crop:
     raise ValueError("the protocol must give num_frames and crop_size for this model "
                      "(--gin_param 'eval_protocol.num_frames = 32')")
-  return _Inputs(num_frames=int(num_frames), crop_size=int(crop),
-                 min_resize=protocol.min_resize or pre.get("min_resize") or int(crop),
-                 vocabulary=vocabulary or getattr(embedder, "vocabulary_path", None))
+  inputs = _Inputs(num_frames=int(num_frames), stride=int(pre.get("stride") or 1), crop_size=int(crop),
+                   min_resize=int(pre.get("min_resize") or crop),
+                   vocabulary=vocabulary or getattr(embedder, "vocabulary_path", None),
+                   sample_rate=int(pre.get("sample_rate") or schema.DEFAULT_SAMPLE_RATE),
+                   max_tokens=int(pre.get("max_tokens") or text_lib.DEFAULT_MAX_TOKENS),
+                   audio_input=getattr(embedder, "audio_input", "log_mel"))
+  if hasattr(embedder, "validate_inputs"):
+    embedder.validate_inputs(num_frames=inputs.num_frames, max_tokens=inputs.max_tokens)
+  return inputs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,12 +224,16 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
              class_names: Optional[Sequence[str]] = None, vocabulary: Optional[str] = None,
              protocol: Optional[EvalProtocol] = None, tasks: Sequence[str] = ALL_TASKS,
              cache_dir: Optional[str] = None, report: bool = True, title: Optional[str] = None,
-             verbose: bool = True) -> Dict[str, object]:
+             verbose: bool = True, preprocessing: Optional[Mapping[str, object]] = None
+             ) -> Dict[str, object]:
   """Runs the tasks, writes `output_dir/metrics.json` and `report.html`, returns the metrics dict.
 
-  Model: `model_dir` (Keras checkpoint + model_config.json), `saved_model` (BASE/N export) or an
-  `embedder` object (features.KerasEmbedder / SavedModelEmbedder). Data: TFRecord patterns in the
-  package's format; labels.txt next to the shards names the classes.
+  Model: `model_dir` (Keras checkpoint + model_config.json), `saved_model` (BASE/N export made by
+  `mmv-tf export`: preprocessing settings from its `assets.extra/model_config.json`, vocabulary from
+  `assets/vocab.txt`) or an `embedder` object (features.KerasEmbedder / SavedModelEmbedder). Data:
+  TFRecord patterns in the package's format; labels.txt next to the shards names the classes.
+  `vocabulary` and `preprocessing` (num_frames, crop_size, min_resize, sample_rate, max_tokens, ...)
+  override what the model provides; the protocol's num_frames/crop_size/min_resize override both.
   """
   from mmv_tf.evaluation import features as FE
   from mmv_tf.evaluation import report as R
@@ -209,8 +244,9 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
     raise ValueError(f"unknown tasks {sorted(unknown)}; valid: {ALL_TASKS}")
   if embedder is None:
     embedder = make_embedder(model_dir=model_dir, saved_model=saved_model,
-                             with_images="image" in tasks)
-  inputs = _model_inputs(embedder, protocol, vocabulary)
+                             with_images="image" in tasks, preprocessing=preprocessing,
+                             vocabulary=vocabulary)
+  inputs = _model_inputs(embedder, protocol, vocabulary, preprocessing)
   cache_dir = cache_dir or os.path.join(output_dir, "features")
   test_pattern = test_pattern or eval_pattern
   model_id = getattr(embedder, "name", type(embedder).__name__)
@@ -392,7 +428,8 @@ def _image_tasks(*, embedder, protocol, inputs, extract, image_pattern, image_tr
     ds = pipeline.make_eval_dataset(
         file_patterns=pattern, batch_size=protocol.batch_size, vocabulary=inputs.vocabulary,
         num_frames=1, crop_size=inputs.crop_size, min_resize=inputs.min_resize, num_test_clips=1,
-        num_captions=protocol.num_captions, with_audio=False, with_text=has_text)
+        num_captions=protocol.num_captions, with_audio=False, with_text=has_text,
+        max_tokens=inputs.max_tokens)
 
     def to_image(batch):
       batch = dict(batch)

@@ -7,7 +7,11 @@ path = export_from_model_dir(model_dir="runs/tiny", export_base="/models/mmv")
 ```
 
 Layout: `BASE/<N>/{saved_model.pb, variables/, assets/vocab.txt, assets.extra/tf_serving_warmup_requests,
-assets.extra/mmv_export.json}`. The version is built in `BASE/.tmp-export-<pid>-<id>/` (TF Serving ignores
+assets.extra/mmv_export.json, assets.extra/model_config.json}`. `model_config.json` is the model's completed
+config exactly as a model dir stores it (`mmv.load_model_config(BASE/N/assets.extra)` reads it) and
+`mmv_export.json` names the vocabulary asset (`"vocabulary": "assets/vocab.txt"`): what
+`evaluation.features.SavedModelEmbedder` needs to evaluate the export without extra flags (TF Serving ignores
+`assets.extra/`). The version is built in `BASE/.tmp-export-<pid>-<id>/` (TF Serving ignores
 names that are not integers), checked (op allow-list), then renamed to `BASE/<N>` under a lock: a killed
 export never leaves a numeric directory, and an existing version is never overwritten.
 """
@@ -31,7 +35,9 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-export-"
 LOCK_NAME = ".export.lock"
 EXPORT_INFO = "mmv_export.json"
+MODEL_CONFIG = "model_config.json"  # = mmv.MODEL_CONFIG_NAME, inside assets.extra/
 VOCAB_ASSET = "vocab.txt"
+ASSETS_DIR = "assets"
 DEFLATED_DIR = "deflated"
 
 
@@ -132,9 +138,40 @@ def _asset_tokenizer(*, vocabulary: Union[str, Sequence[str]], max_tokens: int, 
   return tokenizer
 
 
+def model_config_of(model) -> Optional[Dict[str, Any]]:
+  """The completed MMV config of `model` (`MMVModel.get_config()`), or None for other embedders."""
+  get_config = getattr(model, "get_config", None)
+  if get_config is None:
+    return None
+  try:
+    config = get_config()
+  except (NotImplementedError, TypeError, ValueError):
+    return None
+  if not isinstance(config, dict) or not isinstance(config.get("preprocessing"), dict):
+    return None
+  return json.loads(json.dumps(config, default=str))
+
+
+def _vocabulary_asset(path: str) -> Optional[str]:
+  """The vocabulary's path relative to the version dir (`assets/vocab.txt`), or None if there is none."""
+  import tensorflow as tf
+  assets = os.path.join(path, ASSETS_DIR)
+  if tf.io.gfile.exists(os.path.join(assets, VOCAB_ASSET)):
+    return f"{ASSETS_DIR}/{VOCAB_ASSET}"
+  # SavedModel renames clashing asset basenames (vocab_1.txt, ...); there is only one text asset here.
+  names = sorted(n for n in (tf.io.gfile.listdir(assets) if tf.io.gfile.isdir(assets) else [])
+                 if n.startswith("vocab") and n.endswith(".txt"))
+  return f"{ASSETS_DIR}/{names[0]}" if names else None
+
+
 def write_saved_model(*, model, path: str, vocabulary=None, image_model=None, warmup: bool = True,
-                      model_name: str = "mmv", extra_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-  """Writes the SavedModel (all signatures, warmup, export info) into `path` (not atomic by itself)."""
+                      model_name: str = "mmv", extra_info: Optional[Dict[str, Any]] = None,
+                      model_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+  """Writes the SavedModel (all signatures, warmup, export info, model config) into `path` (not atomic
+  by itself).
+
+  `model_config` (default: `model.get_config()` of an `MMVModel`) goes to `assets.extra/model_config.json`.
+  """
   import keras
   import tensorflow as tf
 
@@ -154,6 +191,11 @@ def write_saved_model(*, model, path: str, vocabulary=None, image_model=None, wa
       archive.add_endpoint(name=sig.name, fn=sig.fn, input_signature=[sig.input_spec])
     archive.write_out(path, verbose=False)
 
+  if model_config is None:
+    model_config = model_config_of(model)
+  vocabulary_asset = _vocabulary_asset(path) if tokenizer is not None else None
+  if tokenizer is not None and vocabulary_asset is None:
+    raise RuntimeError(f"the vocabulary asset is missing from {path}/{ASSETS_DIR}/ after writing the SavedModel")
   info = {
       "format": "mmv_tf SavedModel",
       "model_name": model_name,
@@ -167,11 +209,21 @@ def write_saved_model(*, model, path: str, vocabulary=None, image_model=None, wa
                    "outputs": list(s.outputs), "doc": s.doc}
           for s in signatures.values()},
       "serving_default": "video",
+      # Paths relative to the version dir (what evaluation reads; TF Serving ignores assets.extra/).
+      "vocabulary": vocabulary_asset,
+      "model_config_file": f"{warmup_lib.WARMUP_DIR}/{MODEL_CONFIG}" if model_config is not None else None,
   }
   info.update(extra_info or {})
   tf.io.gfile.makedirs(os.path.join(path, warmup_lib.WARMUP_DIR))
   with tf.io.gfile.GFile(os.path.join(path, warmup_lib.WARMUP_DIR, EXPORT_INFO), "w") as f:
     json.dump(info, f, indent=2, sort_keys=True, default=str)
+  if model_config is not None:
+    # The completed config exactly as a model dir stores it (mmv.save_model_config's format).
+    with tf.io.gfile.GFile(os.path.join(path, warmup_lib.WARMUP_DIR, MODEL_CONFIG), "w") as f:
+      json.dump(model_config, f, indent=2, sort_keys=True)
+  else:
+    log.warning("no model config for %s (not an MMVModel): evaluating this export will need explicit "
+                "preprocessing settings", type(model).__name__)
   if warmup:
     requests = warmup_lib.example_inputs(preprocessing_config=cfg, signatures=list(signatures))
     warmup_lib.write_warmup_requests(version_dir=path, model_name=model_name, requests=requests)
@@ -181,7 +233,8 @@ def write_saved_model(*, model, path: str, vocabulary=None, image_model=None, wa
 def export_saved_model(*, model, export_base: str, version: Optional[int] = None,
                        vocabulary: Union[str, Sequence[str], None] = None, image_model=None,
                        warmup: bool = True, model_name: str = "mmv", check_ops: bool = True,
-                       extra_info: Optional[Dict[str, Any]] = None) -> str:
+                       extra_info: Optional[Dict[str, Any]] = None,
+                       model_config: Optional[Dict[str, Any]] = None) -> str:
   """Exports `model` to `export_base/<version>` atomically; returns the version directory.
 
   Args:
@@ -194,6 +247,8 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
       `image` / `image_bytes` signatures.
     warmup: write `assets.extra/tf_serving_warmup_requests` (one PredictionLog per signature).
     check_ops: fail (and leave no version) if a graph uses an op stock TF Serving does not link.
+    model_config: the completed model config written to `assets.extra/model_config.json` (default:
+      `model.get_config()` of an `MMVModel`); evaluation reads preprocessing settings from it.
   """
   import tensorflow as tf
 
@@ -207,7 +262,8 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
   tmp = os.path.join(export_base, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
     write_saved_model(model=model, path=tmp, vocabulary=vocabulary, image_model=image_model,
-                      warmup=warmup, model_name=model_name, extra_info=extra_info)
+                      warmup=warmup, model_name=model_name, extra_info=extra_info,
+                      model_config=model_config)
     if check_ops:
       ops_allowlist.check_ops(tmp)
     with _export_lock(export_base):
@@ -265,6 +321,6 @@ def export_from_model_dir(*, model_dir: str, export_base: str, version: Optional
   ckpt = checkpoint or tf.train.latest_checkpoint(model_dir)
   return export_saved_model(model=model, export_base=export_base, version=version, vocabulary=vocabulary,
                             image_model=image_model, warmup=warmup, model_name=model_name,
-                            extra_info={"model_dir": model_dir, "checkpoint": ckpt, "model_config": model_config,
+                            model_config=model_config, extra_info={"model_dir": model_dir, "checkpoint": ckpt, "model_config": model_config,
                                         "image_signatures": image_model is not None,
                                         "image_signatures_missing_reason": reason})
