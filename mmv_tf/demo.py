@@ -30,22 +30,24 @@ class Threshold:
 
 
 # Instance-level retrieval among the held-out clips: several clips share class and colour, so R@10 and
-# not R@1 is the robust measure at this size. Measured values: README ("The demo").
+# not R@1 is the robust measure at this size. The label probe and zero-shot classification check that the
+# video tower learnt shape and motion (the labels), not only the colour the captions name. Measured values
+# and margins: README ("The demo").
 THRESHOLDS = (
     Threshold("tasks/text_to_video/R@10", "text→video R@10", 2.5, 0.10),
     Threshold("tasks/video_to_text/R@10", "video→text R@10", 2.5, 0.10),
     Threshold("tasks/audio_to_video/R@10", "audio→video R@10", 2.5, 0.10),
     Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.5, 0.10),
     Threshold("tasks/image_to_text/R@10", "image→text R@10 (deflated)", 2.0, 0.10),
+    Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
+    Threshold("tasks/zero_shot_classification/top1", "zero-shot classification", 2.5, 0.10),
 )
-# Printed beside the checked metrics, not checked. At demo scale the tiny video tower learns the most
-# salient cross-modal cue (the object's colour) long before shape and motion, so label probes on video and
-# deflated-image features stay near chance; random conv features already make a strong audio probe.
+# Printed beside the checked metrics, not checked: random conv features of the log-mel already make a
+# strong audio probe, and the deflated-image probe (one still frame, 96 images) clears chance by too
+# small a margin to be a reliable check at this size.
 REPORTED = (
-    Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 0.0, 0.0),
     Threshold("tasks/linear_probe_audio/top1", "audio linear probe top-1", 0.0, 0.0),
     Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
-    Threshold("tasks/zero_shot_classification/top1", "zero-shot classification", 0.0, 0.0),
 )
 
 
@@ -55,7 +57,7 @@ class DemoConfig:
   num_train: int = 2000           # enough clips that the towers learn semantics instead of memorising clips
   num_eval: int = 96
   num_images: int = 96
-  steps: int = 800
+  steps: int = 1600              # the va loss only drops after ~900 steps (shape and motion are learnt late)
   batch_size: int = 32            # global: 16 per replica on 2 logical CPUs
   deflate_steps: int = 60
   seed: int = 0
@@ -271,6 +273,7 @@ def _serve_and_query(*, export_base: str, data_dir: str, model_dir: str, print_f
       ds = pipeline.make_eval_dataset(
           file_patterns=os.path.join(data_dir, "eval-*.tfrecord"), batch_size=16,
           vocabulary=os.path.join(model_dir, "vocab.txt"), num_frames=prep.get("num_frames", 8),
+          stride=prep.get("stride", 1),
           crop_size=prep.get("crop_size", 32), min_resize=prep.get("min_resize", 40),
           with_audio=False, with_log_mel=False, num_test_clips=1)
       batch = next(iter(ds))

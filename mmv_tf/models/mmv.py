@@ -60,6 +60,7 @@ DEFAULT_PREPROCESSING = {
     "upper_edge_hertz": 7600.0,
     "max_tokens": 16,
     "num_frames": 32,
+    "stride": 1,        # frame step when sampling clips from the stored (10 fps) frames: 2 = twice the time span
     "crop_size": 200,
     "min_resize": 224,  # short side before cropping (DMVR/MMV: 224 -> 200 crops); eval uses the same scale
     "space_to_depth": True,
@@ -353,13 +354,18 @@ def build_mmv_model(**model_config) -> MMVModel:
 
 
 def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str = "s3d", num_frames: int = 8,
-                    crop_size: int = 32, embedding_dim: int = 32, trainable_embedding: bool = True,
-                    va_dim: int = 32, vat_dim: int = 16) -> dict[str, Any]:
-  """A model that trains in seconds on a CPU (tests, demo): ~1/8-width towers, 8 frames, 32 px crops."""
+                    stride: int = 1, crop_size: int = 32, embedding_dim: int = 32, trainable_embedding: bool = True,
+                    va_dim: int = 32, vat_dim: int = 16,
+                    video_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """A model that trains in seconds on a CPU (tests, demo): ~1/8-width towers, 8 frames, 32 px crops.
+
+  `video_kwargs` update the video backbone's defaults below (e.g. {"width_multiplier": 0.125}).
+  """
   if video_backbone == "s3d":
-    video_kwargs = {"width_multiplier": 0.125}
+    defaults = {"width_multiplier": 0.125}
   else:
-    video_kwargs = {"width_multiplier": 0.0625, "blocks": [1, 1, 1, 1]}
+    defaults = {"width_multiplier": 0.0625, "blocks": [1, 1, 1, 1]}
+  video_kwargs = {**defaults, **dict(video_kwargs or {})}
   return complete_config({
       "video_backbone": video_backbone,
       "video_kwargs": video_kwargs,
@@ -373,7 +379,8 @@ def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str 
       "vat_dim": vat_dim,
       "at_dim": va_dim,
       # Synthetic frames are 64 px: short side to 1.25 x crop, then crop (training random, eval central).
-      "preprocessing": {"num_frames": num_frames, "crop_size": crop_size, "min_resize": int(round(crop_size * 1.25))},
+      "preprocessing": {"num_frames": num_frames, "stride": stride, "crop_size": crop_size,
+                        "min_resize": int(round(crop_size * 1.25))},
   })
 
 
