@@ -206,12 +206,12 @@ def test_modalities_are_selectable_and_space_to_depth(data_dir):
   ds = pipeline.make_pretraining_dataset(
       file_patterns=os.path.join(data_dir, "d-*"), batch_size=2, with_text=False, with_log_mel=False,
       with_waveform=True, space_to_depth=True, seed=0, **SMALL)
-  assert set(ds.element_spec) == {F.VIDEO, F.AUDIO, F.LABEL}
+  assert set(ds.element_spec) == {F.VIDEO, F.AUDIO, F.LABEL, pipeline.NUM_BAD_RECORDS}
   assert ds.element_spec[F.VIDEO].shape == (2, 2, 8, 8, 24)
   ds = pipeline.make_pretraining_dataset(
       file_patterns=os.path.join(data_dir, "d-*"), batch_size=2, with_video=False, with_text=False,
       seed=0, sample_rate=SR, num_audio_samples=4000, spec_augment=True)
-  assert set(ds.element_spec) == {F.LOG_MEL, F.LABEL}
+  assert set(ds.element_spec) == {F.LOG_MEL, F.LABEL, pipeline.NUM_BAD_RECORDS}
   assert next(iter(ds))[F.LOG_MEL].shape == (2, 4, 80, 1)
 
 
@@ -325,9 +325,17 @@ def test_training_skips_bad_records_and_counts(tmp_path):
   counter = pipeline.BadRecordCounter()
   ds = pipeline.make_pretraining_dataset(file_patterns=path, batch_size=4, vocabulary=VOCAB, seed=0,
                                          bad_record_counter=counter, shuffle_buffer=1, **SMALL)
-  batch = next(iter(ds))
+  it = iter(ds)
+  batch = next(it)
   np.testing.assert_array_equal(batch[F.LABEL].numpy(), [0, 0, 0, 0])
   assert counter.count() >= 6  # two bad records per epoch, >= 4 epochs read (plus read-ahead)
+  # In the data: the two bad records of each epoch are charged to the next good example (exact, no
+  # read-ahead), and the same without a host counter.
+  np.testing.assert_array_equal(batch[pipeline.NUM_BAD_RECORDS].numpy(), [0, 2, 2, 2])
+  np.testing.assert_array_equal(next(it)[pipeline.NUM_BAD_RECORDS].numpy(), [2, 2, 2, 2])
+  ds = pipeline.make_pretraining_dataset(file_patterns=path, batch_size=4, vocabulary=VOCAB, seed=0,
+                                         shuffle_buffer=1, **SMALL)
+  assert [int(b[pipeline.NUM_BAD_RECORDS].numpy().sum()) for b in ds.take(3)] == [6, 8, 8]
 
 
 def test_list_files_sorted_and_s3_registers_filesystem(tmp_path, monkeypatch):

@@ -12,7 +12,12 @@ record keys (`schema.*`) and outputs (`features.*`); `state` holds the per-examp
 choices shared across modalities (the frame window start, reused to cut the audio).
 
 Bad records (corrupt proto, undecodable JPEG, missing key, too-short clip, wrong sample rate) are
-skipped and counted in a `BadRecordCounter`; `skip_bad_records=False` makes them raise instead.
+skipped and counted; `skip_bad_records=False` makes them raise instead. Training pipelines count them
+in the data: every example carries `num_bad_records` (records dropped just before it), so a batch's
+sum is what that batch skipped and the count is part of the (checkpointable) iterator state; the
+trainer sums it into its checkpointed `skipped_records`. Evaluation pipelines, and training pipelines
+given one explicitly, also count into a `BadRecordCounter` (a host variable updated inside tf.data,
+which makes the iterator impossible to checkpoint).
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ from mmv_tf.data import text as text_lib
 AUTOTUNE = tf.data.AUTOTUNE
 Features = Dict[str, tf.Tensor]
 PhaseFn = Callable[[Features, dict], Features]
+# Added by `make_pretraining_dataset` to every example: int32, records dropped just before it (see
+# `_process_records`); the sum over a batch is the number of bad records that batch skipped.
+NUM_BAD_RECORDS = "num_bad_records"
 
 
 class Phase(enum.IntEnum):
@@ -50,7 +58,11 @@ class BadRecordCounter:
   """Number of records skipped by pipelines that share this counter (an int64 `tf.Variable` on the host).
 
   Read it with `count()` for logs, or `variable` for `tf.summary.scalar`. The variable is created
-  lazily, outside any `tf.function`, the first time a pipeline uses the counter.
+  lazily, outside any `tf.function`, the first time a pipeline uses the counter. It counts records as
+  the pipeline reads them, read-ahead included. A pipeline that updates it cannot have its iterator
+  checkpointed (the variable is state outside tf.data): `make_eval_dataset` uses the process-wide
+  counter by default; `make_pretraining_dataset` only uses a counter passed to it (its examples carry
+  `num_bad_records` instead).
   """
 
   def __init__(self):
@@ -75,12 +87,13 @@ _DEFAULT_COUNTER = BadRecordCounter()
 
 
 def default_bad_record_counter() -> BadRecordCounter:
-  """The process-wide counter used when a pipeline is not given its own."""
+  """The process-wide counter of evaluation pipelines that are not given their own."""
   return _DEFAULT_COUNTER
 
 
 def bad_record_count() -> int:
-  """Records skipped so far by every pipeline using the process-wide counter (for trainer logs)."""
+  """Records skipped so far by every pipeline using the process-wide counter (evaluation pipelines;
+  the trainer logs its own checkpointed `skipped_records`)."""
   return _DEFAULT_COUNTER.count()
 
 
@@ -410,29 +423,52 @@ def _placeholder(spec):
 
 
 def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
-                     counter: BadRecordCounter, deterministic: bool) -> tf.data.Dataset:
+                     counter: Optional[BadRecordCounter], count_in_elements: bool,
+                     deterministic: bool) -> tf.data.Dataset:
   """Maps `fn` over (serialized, seed); with skipping, a failing record is dropped and counted.
 
   Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave:
   errors raised anywhere in parse/decode/checks stay confined to that record, and a placeholder
   flagged `ok=False` takes its place so that the drop can be counted before it is filtered out.
+
+  Counting: `counter` (a host variable incremented inside tf.data: makes the iterator unsaveable)
+  and/or `count_in_elements`, which adds `NUM_BAD_RECORDS` (int32 scalar) to every example: the number
+  of records dropped since the previous example of this stream. It is computed with `scan`, whose
+  state is part of the tf.data iterator state, so the pipeline stays checkpointable.
   """
   if not skip_bad_records:
-    return records.map(fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  variable = counter.variable
+    out = records.map(fn, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if count_in_elements:
+      out = out.map(lambda feats: dict(feats, **{NUM_BAD_RECORDS: tf.constant(0, tf.int32)}))
+    return out
 
   def isolate(serialized, seed):
     good = tf.data.Dataset.from_tensors((serialized, seed)).map(lambda r, s: (fn(r, s), True))
     bad = tf.data.Dataset.from_tensors((_placeholder(good.element_spec[0]), False))
     return good.ignore_errors(log_warning=True).concatenate(bad).take(1)
 
-  def keep(feats, ok):
-    with tf.control_dependencies([variable.assign_add(tf.cast(tf.logical_not(ok), tf.int64))]):
-      return tf.identity(ok)
-
   out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
                            num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  return out.filter(keep).map(lambda feats, ok: feats)
+  if counter is not None:
+    variable = counter.variable
+
+    def keep(feats, ok):
+      with tf.control_dependencies([variable.assign_add(tf.cast(tf.logical_not(ok), tf.int64))]):
+        return tf.identity(ok)
+  else:
+    keep = lambda feats, ok: ok
+  if not count_in_elements:
+    return out.filter(keep).map(lambda feats, ok: feats)
+
+  def count(pending, element):
+    # pending = bad records since the last good one; a good record carries them and resets to 0.
+    feats, ok = element
+    dropped = tf.where(ok, pending, 0)
+    return tf.where(ok, 0, pending + 1), (feats, ok, dropped)
+
+  out = out.scan(tf.constant(0, tf.int32), count)
+  out = out.filter(lambda feats, ok, dropped: keep(feats, ok))
+  return out.map(lambda feats, ok, dropped: dict(feats, **{NUM_BAD_RECORDS: dropped}))
 
 
 def _shard_files(files: List[str], input_context) -> tuple:
@@ -448,7 +484,8 @@ def _shard_files(files: List[str], input_context) -> tuple:
 
 def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: bool, seed: Optional[int],
                    salt: int, input_context, shuffle_buffer: int, skip_bad_records: bool,
-                   counter: BadRecordCounter, num_parallel_reads: Optional[int]) -> tf.data.Dataset:
+                   counter: Optional[BadRecordCounter], count_in_elements: bool,
+                   num_parallel_reads: Optional[int]) -> tf.data.Dataset:
   """One source: files -> (shuffled) interleaved records -> processed examples (unbatched)."""
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
   files, shard_records = _shard_files(files, input_context)
@@ -472,7 +509,7 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   # Per-example seed = (pipeline base, running index): reproducible and distinct across pipelines.
   ds = ds.enumerate().map(lambda i, r: (r, tf.stack([tf.constant(base, tf.int64), i])))
   return _process_records(ds, processor, skip_bad_records=skip_bad_records, counter=counter,
-                          deterministic=deterministic)
+                          count_in_elements=count_in_elements, deterministic=deterministic)
 
 
 def _make_tokenizer(vocabulary, tokenizer, max_tokens):
@@ -510,7 +547,13 @@ def make_pretraining_dataset(
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
 
   Keys (`features.py`): `video` [B,T,H,W,3] float32 in [0,1]; `log_mel` [B,F,80,1]; `audio` [B,S]
-  (with_waveform); `text_ids` [B,K,L] int32, `text_mask` [B,K], `has_text` [B]; `label` [B] int32.
+  (with_waveform); `text_ids` [B,K,L] int32, `text_mask` [B,K], `has_text` [B]; `label` [B] int32;
+  `num_bad_records` [B] int32 (`NUM_BAD_RECORDS`: records skipped just before each example; the
+  batch sum is what the batch skipped).
+
+  Bad records are skipped (`skip_bad_records`) and counted in `num_bad_records`, which keeps the
+  iterator checkpointable; `bad_record_counter` additionally counts them in a host variable, which
+  makes it uncheckpointable (the trainer then restarts the input pipeline on resume).
 
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
   one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
@@ -530,7 +573,6 @@ def make_pretraining_dataset(
       space_to_depth=space_to_depth)
   if customize is not None:
     customize(processor)
-  counter = bad_record_counter or _DEFAULT_COUNTER
   if mixture_weights is None:
     sources = [file_patterns]
   else:
@@ -540,8 +582,8 @@ def make_pretraining_dataset(
   datasets = [
       _read_examples(files=list_files(src), processor=processor, is_training=True, seed=seed, salt=i,
                      input_context=input_context, shuffle_buffer=shuffle_buffer,
-                     skip_bad_records=skip_bad_records, counter=counter,
-                     num_parallel_reads=num_parallel_reads)
+                     skip_bad_records=skip_bad_records, counter=bad_record_counter,
+                     count_in_elements=True, num_parallel_reads=num_parallel_reads)
       for i, src in enumerate(sources)]
   if len(datasets) == 1:
     ds = datasets[0]
@@ -589,7 +631,7 @@ def make_eval_dataset(
   ds = _read_examples(files=list_files(file_patterns), processor=processor, is_training=False, seed=0,
                       salt=0, input_context=input_context, shuffle_buffer=0,
                       skip_bad_records=skip_bad_records,
-                      counter=bad_record_counter or _DEFAULT_COUNTER,
+                      counter=bad_record_counter or _DEFAULT_COUNTER, count_in_elements=False,
                       num_parallel_reads=num_parallel_reads)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
   return ds.with_options(_options(True))
@@ -611,3 +653,46 @@ def distributed_dataset(strategy: tf.distribute.Strategy, dataset_fn: Callable[.
                       batch_size=input_context.get_per_replica_batch_size(global_batch_size))
 
   return strategy.distribute_datasets_from_function(_fn)
+
+
+def is_single_host(strategy: tf.distribute.Strategy) -> bool:
+  """Whether one host feeds every replica (the default strategy, OneDevice, Mirrored)."""
+  return (isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy))
+          or type(strategy).__name__ == "_DefaultDistributionStrategy")
+
+
+class CheckpointableInput:
+  """Per-replica batches from one host-side `tf.data` iterator, which `tf.train.Checkpoint` can save.
+
+  The same input as `distributed_dataset` for a single-host strategy, built differently: TF 2.17's
+  multi-device `DistributedIterator` is not trackable, so its position cannot be checkpointed.
+  `dataset_fn` is called once, with one input pipeline and the per-replica batch size (as
+  `distribute_datasets_from_function` does on one host); R consecutive batches are stacked and batch
+  r of each group goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is
+  a plain `tf.data` iterator; `get_next(iterator)` (inside or outside `tf.function`) returns the
+  per-replica values. Cost against `distributed_dataset`: no prefetching onto the devices (each step
+  copies its batch from the host when it starts; free on CPU, a PCIe copy per step on GPUs).
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, dataset_fn: Callable[..., tf.data.Dataset], *,
+               global_batch_size: int):
+    if not is_single_host(strategy):
+      raise ValueError(f"{type(strategy).__name__} is not a single-host strategy; use distributed_dataset")
+    self.strategy = strategy
+    self.replicas = strategy.num_replicas_in_sync
+    if global_batch_size % self.replicas:
+      raise ValueError(f"global batch {global_batch_size} is not divisible by {self.replicas} replicas")
+    context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                         num_replicas_in_sync=self.replicas)
+    dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
+    if self.replicas > 1:
+      dataset = dataset.batch(self.replicas, drop_remainder=True)
+    self.dataset = dataset
+    self.iterator = iter(dataset)
+
+  def get_next(self, iterator=None):
+    element = next(iterator if iterator is not None else self.iterator)
+    if self.replicas == 1:
+      return element
+    return self.strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.nest.map_structure(lambda t: t[ctx.replica_id_in_sync_group], element))

@@ -1,8 +1,10 @@
 """Checkpoints in a model dir: `tf.train.CheckpointManager` over `ckpt-<step>` files, chief-aware.
 
 Layout (docs/training.md): `model_dir/ckpt-<step>.index|.data-*` and the `checkpoint` state file. The
-checkpoint object has the keys `model`, `optimizer`, `step`, and `iterator` (the input pipeline's
-position, when it can be saved). A checkpoint is written to `ckpt-<n>_temp/` and merged into its final
+checkpoint object has the keys `model`, `optimizer`, `step`, `skipped_records` (bad input records
+skipped so far) and `iterator` (the input pipeline's position, when it can be saved). Checkpoints
+written before `skipped_records` existed, or without an `iterator`, still restore: `restore_latest`
+takes such keys as `optional` and leaves those objects as they are. A checkpoint is written to `ckpt-<n>_temp/` and merged into its final
 name before the `checkpoint` state file is atomically replaced, so a process killed while saving leaves
 `latest_checkpoint` pointing at the previous complete checkpoint.
 
@@ -12,7 +14,7 @@ collectively read); non-chief workers write into a private scratch dir that is d
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -48,16 +50,29 @@ class CheckpointWriter:
     self.manager = tf.train.CheckpointManager(checkpoint, directory=directory, max_to_keep=keep,
                                               checkpoint_name=CHECKPOINT_PREFIX)
     self.checkpoint = checkpoint
+    self.missing_on_restore: Tuple[str, ...] = ()  # optional keys the restored checkpoint lacked
 
   @property
   def latest(self) -> Optional[str]:
     # Every worker resumes from the chief's checkpoints.
     return tf.train.latest_checkpoint(self.model_dir)
 
-  def restore_latest(self) -> Optional[str]:
+  def restore_latest(self, optional: Sequence[str] = ()) -> Optional[str]:
+    """Restores the latest checkpoint; every object must be in it except the `optional` top-level
+    keys, which are left untouched when absent (their names end up in `missing_on_restore`)."""
     path = self.latest
-    if path is not None:
-      self.checkpoint.restore(path).assert_existing_objects_matched()
+    self.missing_on_restore = ()
+    if path is None:
+      return None
+    checkpoint = self.checkpoint
+    children = {k: v for k, v in checkpoint._trackable_children("checkpoint").items() if k != "save_counter"}
+    if any(k in children for k in optional):
+      stored = {name.split("/", 1)[0] for name, _ in tf.train.list_variables(path)}
+      self.missing_on_restore = tuple(k for k in optional if k in children and k not in stored)
+      if self.missing_on_restore:
+        checkpoint = tf.train.Checkpoint(
+            **{k: v for k, v in children.items() if k not in self.missing_on_restore})
+    checkpoint.restore(path).assert_existing_objects_matched()
     return path
 
   def save(self, step: int) -> Optional[str]:
@@ -66,3 +81,8 @@ class CheckpointWriter:
       tf.io.gfile.rmtree(self._scratch)
       return None
     return path
+
+
+def checkpoint_bytes(path: str) -> int:
+  """Size of a checkpoint on disk: its `.index` and `.data-*` files."""
+  return sum(tf.io.gfile.stat(f).length for f in tf.io.gfile.glob(path + ".*"))

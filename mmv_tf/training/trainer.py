@@ -14,6 +14,11 @@ One step (`_StepFunctions`):
             every worker stops at the same step after SIGTERM.
 Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradients are already summed
 here (the global norm needs them), so each replica passes its copy divided by the replica count.
+
+Input: on single-host strategies with `checkpoint_data_iterator` (the default), batches come from a
+`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint); otherwise from
+`pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
+checkpointed `skipped_records` counter.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -30,12 +36,14 @@ import keras
 import tensorflow as tf
 
 from mmv_tf import losses as losses_lib
-from mmv_tf.data import features
+from mmv_tf.data import features, pipeline
 from mmv_tf.training import checkpointing, optimizers, schedules
 from mmv_tf.training import strategy as strategy_lib
 from mmv_tf.training.summaries import SummaryLogger
 
 NAN_POLICIES = ("stop", "skip")
+MIXED_PRECISION_POLICIES = ("mixed_bfloat16", "mixed_float16")
+_BAD_RECORDS_KEY = "_bad_records"  # internal: all-reduced with the metrics, then removed
 VOCAB_NAME = "vocab.txt"
 
 
@@ -52,19 +60,23 @@ class TrainResult:
   skipped_steps: int              # non-finite steps skipped (nan_policy='skip')
   history: List[Dict[str, float]]  # the logged metrics, one dict per log step (with "step")
   last_checkpoint: Optional[str]
+  skipped_records: int = 0        # bad input records skipped in the batches trained on (all runs)
 
 
 # ---- data and vocabulary --------------------------------------------------------------------------------
 
 def captions_from_records(file_patterns: Union[str, Sequence[str]]) -> List[str]:
-  """All `caption/string` values of the SequenceExamples matched by `file_patterns`, in file order."""
-  from mmv_tf.data import pipeline, schema
+  """All `caption/string` values of the SequenceExamples matched by `file_patterns`, in file order.
+
+  Records that do not parse are skipped (as the training pipeline skips them).
+  """
+  from mmv_tf.data import schema
   files = pipeline.list_files(file_patterns)
   spec = {schema.CAPTION: tf.io.VarLenFeature(tf.string)}
   captions: List[str] = []
   ds = tf.data.TFRecordDataset(files).map(
       lambda s: tf.sparse.to_dense(tf.io.parse_single_sequence_example(s, context_features=spec)[0][
-          schema.CAPTION], default_value=b""))
+          schema.CAPTION], default_value=b"")).ignore_errors(log_warning=True)
   for row in ds.as_numpy_iterator():
     captions.extend(c.decode("utf-8") for c in row if c)
   return captions
@@ -90,9 +102,8 @@ def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[
 def _pretraining_dataset_fn(*, train_files, vocab: List[str], model_config: Mapping[str, Any],
                             data_config: Mapping[str, Any], seed: Optional[int]):
   """`dataset_fn` for `make_pretraining_dataset`; shapes follow the model's preprocessing config."""
-  from mmv_tf.data import pipeline
   pre = model_config.get("preprocessing", {})
-  kwargs = dict(num_frames=pre.get("num_frames", 32), crop_size=pre.get("crop_size", 200),
+  kwargs = dict(num_frames=pre.get("num_frames", 32), stride=pre.get("stride", 1), crop_size=pre.get("crop_size", 200),
                 min_resize=pre.get("min_resize", 224), max_tokens=pre.get("max_tokens", 16),
                 sample_rate=pre.get("sample_rate", 48000))
   kwargs.update(data_config)
@@ -115,10 +126,11 @@ def _embedding_norms(outputs) -> Dict[str, tf.Tensor]:
 class _StepFunctions:
   """Builds the distributed train step (see the module docstring)."""
 
-  def __init__(self, *, strategy, model, optimizer, loss_fn, metrics_fn, step, clip_grad_norm,
-               jit_compile: bool, loss_scaling: bool):
+  def __init__(self, *, strategy, model, optimizer, loss_fn, metrics_fn, step, skipped_records,
+               next_batch, clip_grad_norm, jit_compile: bool, loss_scaling: bool):
     self.strategy, self.model, self.optimizer = strategy, model, optimizer
     self.loss_fn, self.metrics_fn, self.step = loss_fn, metrics_fn, step
+    self.skipped_records, self.next_batch = skipped_records, next_batch
     self.clip_grad_norm, self.loss_scaling = clip_grad_norm, loss_scaling
     self._compute = tf.function(self._forward_backward, jit_compile=True) if jit_compile else self._forward_backward
     self.train_step = tf.function(self._train_step)
@@ -143,28 +155,42 @@ class _StepFunctions:
   def _replica_step(self, batch, stop_request):
     ctx = tf.distribute.get_replica_context()
     n = ctx.num_replicas_in_sync
+    # Records the input pipeline skipped before this batch's examples (`pipeline.NUM_BAD_RECORDS`):
+    # counted here, not fed to the model.
+    bad_records = tf.constant(0.0, tf.float32)
+    if isinstance(batch, Mapping) and pipeline.NUM_BAD_RECORDS in batch:
+      batch = dict(batch)
+      bad_records = tf.cast(tf.reduce_sum(batch.pop(pipeline.NUM_BAD_RECORDS)), tf.float32)
     # The forward pass updates BN statistics; keep the old values to undo a skipped (non-finite) step.
     state = [tf.identity(v) for v in self.model.non_trainable_variables]
     with tf.control_dependencies(state):
       grads, metrics = self._compute(batch)
+    metrics[_BAD_RECORDS_KEY] = bad_records
     grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)      # the global gradient
     metrics = ctx.all_reduce(tf.distribute.ReduceOp.SUM, metrics)  # global values
+    bad_records = metrics.pop(_BAD_RECORDS_KEY)
+    # Loss scaling (float16): the gradients of the scaled loss are unscaled *before* the norm and the
+    # clipping, so `grad_norm` and `clip_grad_norm` mean the same as in float32.
     scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaling else None
     unscaled = [g / scale for g in grads] if scale is not None else grads
     grad_norm = tf.linalg.global_norm(unscaled)
     finite_loss = tf.reduce_all([tf.math.is_finite(v) for k, v in metrics.items() if k.startswith("loss")])
-    finite = tf.logical_and(finite_loss, tf.math.is_finite(grad_norm))
     if self.clip_grad_norm:
       unscaled, _ = tf.clip_by_global_norm(unscaled, self.clip_grad_norm, use_norm=grad_norm)
-    # Divided by n: apply_gradients sums over replicas again.
+    # Divided by n: apply_gradients sums over replicas again. With loss scaling the (clipped) gradients
+    # are handed back scaled: the LossScaleOptimizer checks them, unscales them and adapts its scale.
     to_apply = [(g * scale if scale is not None else g) / float(n) for g in unscaled]
     metrics["grad_norm"] = grad_norm
-    # With loss scaling, non-finite *gradients* are the LossScaleOptimizer's business (it skips the
-    # update and lowers the scale); only a non-finite loss skips the update here.
-    apply = finite_loss if self.loss_scaling else finite
+    if self.loss_scaling:
+      # Non-finite *gradients* (an fp16 overflow of the scaled loss's backward pass) are the
+      # LossScaleOptimizer's business: it skips the update and halves the scale. Only a non-finite
+      # loss is a non-finite step here (nan_policy); BN statistics of an overflow step are kept.
+      finite = finite_loss
+    else:
+      finite = tf.logical_and(finite_loss, tf.math.is_finite(grad_norm))
     # tf.identity places the (host-fed) flag on this replica's device before the collective.
     stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop_request)) > 0  # any worker asked
-    return to_apply, metrics, apply, finite, stop, state
+    return to_apply, metrics, finite, stop, state, bad_records
 
   def _apply(self, grads):
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
@@ -175,8 +201,9 @@ class _StepFunctions:
 
   def _train_step(self, iterator, stop_request):
     s = self.strategy
-    batch = next(iterator)
-    grads, metrics, apply, finite, stop, state = s.run(self._replica_step, args=(batch, stop_request))
+    batch = self.next_batch(iterator)
+    grads, metrics, finite, stop, state, bad_records = s.run(self._replica_step,
+                                                             args=(batch, stop_request))
     first = lambda x: s.experimental_local_results(x)[0]  # all-reduced: identical on every replica
 
     def do_apply():
@@ -189,8 +216,9 @@ class _StepFunctions:
       s.run(self._undo_state, args=(state,))
       return tf.constant(False)
 
-    tf.cond(first(apply), do_apply, undo)
+    tf.cond(first(finite), do_apply, undo)
     self.step.assign_add(1)
+    self.skipped_records.assign_add(tf.cast(first(bad_records), tf.int64))
     return {k: first(v) for k, v in metrics.items()}, first(finite), first(stop)
 
 
@@ -232,7 +260,8 @@ def train(*, model_dir: str, steps: int, batch_size: int,
           temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0,
           loss_direction: str = "symmetric",
           strategy: Union[None, str, tf.distribute.Strategy] = None, tpu: Optional[str] = None,
-          mixed_precision: Optional[str] = None, jit_compile: Optional[bool] = None,
+          mixed_precision: Optional[str] = None, initial_loss_scale: float = 2.0 ** 15,
+          jit_compile: Optional[bool] = None,
           checkpoint_every: int = 1000, keep_checkpoints: int = 3, checkpoint_data_iterator: bool = True,
           log_every: int = 100, nan_policy: str = "stop", max_skipped_steps: int = 10,
           seed: Optional[int] = 0, handle_sigterm: bool = True,
@@ -254,7 +283,11 @@ def train(*, model_dir: str, steps: int, batch_size: int,
       the global norm of the global gradient.
     temperature, va_weight, vt_weight, loss_direction: `losses.mmv_loss`.
     strategy: a Strategy or a name for `make_strategy` (default: the current strategy).
-    mixed_precision: None, "mixed_bfloat16" or "mixed_float16" (adds dynamic loss scaling).
+    mixed_precision: None (float32), "mixed_bfloat16" or "mixed_float16": the Keras global dtype
+      policy while the model is built and trained (float32 variables, bfloat16/float16 compute;
+      losses in float32); restored when `train` returns. float16 adds dynamic loss scaling
+      (`keras.optimizers.LossScaleOptimizer`, starting at `initial_loss_scale`): an overflowing step is
+      skipped by the optimizer and halves the scale (not a non-finite step for `nan_policy`).
     jit_compile: XLA for forward+backward. Default: on for one GPU; off on CPU (XLA compiles the
       tiny S3D backward for minutes there) and with several replicas (the loss's all_gather would sit
       inside the XLA cluster). TPU programs are compiled whatever this says.
@@ -264,6 +297,11 @@ def train(*, model_dir: str, steps: int, batch_size: int,
     print_fn: where progress lines go (default: stdout, flushed); chief only.
   """
   print_fn = print_fn or functools.partial(print, flush=True)
+  if mixed_precision in ("float32", ""):
+    mixed_precision = None
+  if mixed_precision is not None and mixed_precision not in MIXED_PRECISION_POLICIES:
+    raise ValueError(f"mixed_precision must be None or one of {MIXED_PRECISION_POLICIES}, "
+                     f"got {mixed_precision!r}")
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
   if isinstance(strategy, str) or strategy is None:
@@ -307,8 +345,9 @@ def train(*, model_dir: str, steps: int, batch_size: int,
     metrics_fn = _default_metrics_fn(va_weight=va_weight, vt_weight=vt_weight)
 
   previous_policy = keras.mixed_precision.global_policy()
-  if mixed_precision:
-    keras.mixed_precision.set_global_policy(mixed_precision)
+  # None means float32 even when the caller's global policy is a mixed one (float16 compute without
+  # the loss scaling that mixed_precision='mixed_float16' adds would underflow silently).
+  keras.mixed_precision.set_global_policy(mixed_precision or "float32")
   stop_request = _StopRequest(handle_sigterm)
   try:
     return _run(model_dir=model_dir, steps=steps, batch_size=batch_size, strategy=strategy, chief=chief,
@@ -321,7 +360,7 @@ def train(*, model_dir: str, steps: int, batch_size: int,
                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                 checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
                 nan_policy=nan_policy, max_skipped_steps=max_skipped_steps, stop_request=stop_request,
-                on_step=on_step, print_fn=print_fn)
+                on_step=on_step, print_fn=print_fn, initial_loss_scale=initial_loss_scale)
   finally:
     stop_request.restore()
     keras.mixed_precision.set_global_policy(previous_policy)
@@ -337,6 +376,20 @@ def _default_metrics_fn(*, va_weight, vt_weight):
       return {}
     return {f"retrieval/{k}": v for k, v in losses_lib.in_batch_retrieval_accuracy(outputs, batch).items()}
   return metrics_fn
+
+
+def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool):
+  """(iterator, next_batch): `next_batch(iterator)` gives the per-replica batches of one step.
+
+  With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
+  tf.data iterator on the host); otherwise `distributed_dataset`'s DistributedIterator (prefetches to
+  the devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
+  """
+  if checkpointable and pipeline.is_single_host(strategy):
+    feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=batch_size)
+    return feed.iterator, feed.get_next
+  dist_dataset = pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size)
+  return iter(dist_dataset), next
 
 
 def _iterator_is_saveable(iterator, model_dir: str) -> bool:
@@ -370,8 +423,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
          loss_fn, metrics_fn, optimizer_name, learning_rate, schedule, warmup_steps, end_learning_rate,
          weight_decay, momentum, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
          keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
-         stop_request, on_step, print_fn) -> TrainResult:
-  from mmv_tf.data import pipeline
+         stop_request, on_step, print_fn, initial_loss_scale) -> TrainResult:
   with strategy.scope():
     model = model_builder(**model_config)
     lr = schedules.make_schedule(name=schedule, peak=learning_rate, total_steps=max(steps, warmup_steps + 1),
@@ -379,20 +431,25 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
     opt = optimizers.make_optimizer(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay,
                                     momentum=momentum)
     if loss_scaling:
-      opt = keras.optimizers.LossScaleOptimizer(opt)
+      opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=initial_loss_scale)
     optimizers.exclude_biases_and_norms(opt, model.trainable_variables)
     # Slots must exist before the first distributed step (Keras 3 creates them lazily otherwise and
     # the first MirroredStrategy step fails).
     opt.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    # Records the input pipeline skipped in the batches trained on so far (checkpointed).
+    skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records",
+                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-  dist_dataset = pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size)
-  iterator = iter(dist_dataset)
-  objects = dict(model=model, optimizer=opt, step=step)
+  iterator, next_batch = _make_input(strategy, dataset_fn, batch_size=batch_size,
+                                     checkpointable=checkpoint_data_iterator)
+  objects = dict(model=model, optimizer=opt, step=step, skipped_records=skipped_records)
   if checkpoint_data_iterator:
-    # The input position is saved when the iterator supports it (single device: yes; TF 2.17's
-    # multi-device DistributedIterator: no). Otherwise a resumed run restarts the input pipeline.
+    # The input position is saved when the iterator supports it: single-host strategies use a
+    # `CheckpointableInput`; TPU and multi-worker DistributedIterators are not trackable in TF 2.17,
+    # and a stateful op in the pipeline (e.g. a `BadRecordCounter`) makes saving fail. Otherwise a
+    # resumed run restarts the input pipeline.
     if _iterator_is_saveable(iterator, model_dir):
       objects["iterator"] = iterator
     else:
@@ -400,18 +457,33 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
                       "input pipeline", type(iterator).__name__)
   writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
                                           strategy=strategy, keep=keep_checkpoints)
-  restored = writer.restore_latest()
+  restored = writer.restore_latest(optional=("iterator", "skipped_records"))
   resumed_from = int(step.numpy()) if restored else None
   say = print_fn if (chief and print_fn) else (lambda _: None)
   if restored:
     say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e})")
+    for key in writer.missing_on_restore:  # e.g. a checkpoint written before these were saved
+      logging.warning("%s has no %r: %s", restored, key, "the input pipeline restarts from its start"
+                      if key == "iterator" else "the count restarts at 0")
 
   fns = _StepFunctions(strategy=strategy, model=model, optimizer=opt, loss_fn=loss_fn,
-                       metrics_fn=metrics_fn, step=step, clip_grad_norm=clip_grad_norm,
+                       metrics_fn=metrics_fn, step=step, skipped_records=skipped_records,
+                       next_batch=next_batch, clip_grad_norm=clip_grad_norm,
                        jit_compile=jit_compile, loss_scaling=loss_scaling)
   logger = SummaryLogger(model_dir=model_dir, chief=chief, total_steps=steps, global_batch_size=batch_size,
                          print_fn=print_fn)
-  counter = pipeline.default_bad_record_counter()
+  def save(at_step):
+    path = writer.save(at_step)
+    if path and "iterator" in objects and not reported_size:
+      # Make the cost of the saved input position visible once per run (docs/training.md).
+      reported_size.append(True)
+      total = checkpointing.checkpoint_bytes(path)
+      state = sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in model.variables + list(opt.variables))
+      say(f"checkpoint {os.path.basename(path)}: {total / 1e6:.1f} MB, of which ~{max(total - state, 0) / 1e6:.1f}"
+          " MB input position (shuffle/prefetch buffers; checkpoint_data_iterator=False drops it)")
+    return path
+
+  reported_size: List[bool] = []
   history: List[Dict[str, float]] = []
   skipped = consecutive = 0
   last_saved = resumed_from
@@ -442,24 +514,27 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
       if current % log_every == 0 or current == steps:
         values = {k: float(v) for k, v in metrics.items()}
         values["learning_rate"] = float(opt.learning_rate)
-        values["skipped_records"] = float(counter.count())
+        values["skipped_records"] = float(skipped_records.numpy())
         values["skipped_steps"] = float(skipped)
+        if loss_scaling:
+          values["loss_scale"] = float(opt.dynamic_scale.numpy())
         logger.log(current, values)
         history.append(dict(values, step=current))
       if bool(stop.numpy()):
-        last_path = writer.save(current) or last_path
+        last_path = save(current) or last_path
         last_saved = current
         preempted = True
         say(f"SIGTERM: checkpoint written at step {current} ({last_path}); exiting (re-run to resume)")
         break
       if current % checkpoint_every == 0 or current == steps:
-        last_path = writer.save(current) or last_path
+        last_path = save(current) or last_path
         last_saved = current
       if on_step is not None:
         on_step(current)
   finally:
     logger.close()
   if last_saved != current and not preempted:
-    last_path = writer.save(current) or last_path
+    last_path = save(current) or last_path
   return TrainResult(model_dir=model_dir, step=current, preempted=preempted, resumed_from=resumed_from,
-                     skipped_steps=skipped, history=history, last_checkpoint=last_path)
+                     skipped_steps=skipped, history=history, last_checkpoint=last_path,
+                     skipped_records=int(skipped_records.numpy()))
