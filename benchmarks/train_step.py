@@ -3,12 +3,21 @@
     .venv/bin/python benchmarks/train_step.py                 # all configs, one subprocess each
     .venv/bin/python benchmarks/train_step.py --configs s3d_fac_16x112 --steps 5
 
+    TF_ENABLE_ONEDNN_OPTS=0 .venv/bin/python benchmarks/train_step.py ...   # without oneDNN (default: on)
+
 Each config runs in its own process (peak RSS is per process) and measures, in that same process and
 alternating with the train step, a 2048x2048 float32 matmul: the ratio of the two FLOP/s is what is
 reported, so machine load affects both sides alike. The step is the trainer's forward + backward +
 Adam update on random inputs of the config's shapes (no input pipeline: that is benchmarks/pipeline).
-FLOPs per step = 3 x the forward FLOPs counted from the traced graph (2 per multiply-add in every
-Conv2D/Conv3D/DepthwiseConv/MatMul/BatchMatMul; backward ~ 2x forward).
+
+Two FLOP counts per step, both 2 per multiply-add of the conv / matmul ops only (BN, ReLU, pooling,
+gating multiplies and the optimizer are not counted), both read off traced graphs with static shapes:
+* `GFLOP/step` (the `fraction` column, the issue's metric): 3 x the forward graph's Conv2D/Conv3D/Einsum/
+  DepthwiseConv/MatMul/BatchMatMul FLOPs (backward ~ 2x forward: input and kernel gradients).
+* `run GFLOP/step` (`run fraction`): the FLOPs of the forward and backward conv/matmul ops that the
+  train-step graph actually executes (ops reachable from its outputs and stateful ops; TF prunes the rest).
+  It is lower than 3 x forward mainly because nothing needs the input gradient of the first conv of each
+  tower (S3D-G's stem is a quarter of its forward FLOPs).
 """
 from __future__ import annotations
 
@@ -29,21 +38,62 @@ CONFIGS = {
 
 
 def _forward_flops(concrete) -> float:
-  """2 x multiply-adds of the matmul-like ops in a traced forward graph (static shapes required)."""
+  """2 x multiply-adds of the conv/matmul ops in a traced forward graph (static shapes required)."""
+  return float(sum(_op_flops(op) for op in concrete.graph.get_operations()))
+
+
+UNCOUNTED_OPS: set[str] = set()
+
+
+def _op_flops(op) -> float:
+  """2 x multiply-adds of one conv / matmul op, forward or gradient (0 for every other op)."""
   import numpy as np
-  total = 0.0
-  for op in concrete.graph.get_operations():
-    if op.type in ("Conv2D", "Conv3D", "DepthwiseConv2dNative"):
-      out = op.outputs[0].shape.as_list()
-      kernel = op.inputs[1].shape.as_list()
-      per_output = np.prod(kernel[:-1]) if op.type != "DepthwiseConv2dNative" else np.prod(kernel[:2])
-      total += 2.0 * np.prod(out) * per_output
-    elif op.type in ("MatMul", "BatchMatMulV2"):
-      a = op.inputs[0].shape.as_list()
-      out = op.outputs[0].shape.as_list()
-      k = a[-2] if op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x") else a[-1]
-      total += 2.0 * np.prod(out) * k
-  return float(total)
+  t = op.type
+  shape = lambda tensor: tensor.shape.as_list()  # noqa: E731
+  if t in ("Conv2D", "Conv3D"):  # (input, filter) -> output
+    return 2.0 * np.prod(shape(op.outputs[0])) * np.prod(shape(op.inputs[1])[:-1])
+  if t in ("Conv2DBackpropInput", "Conv3DBackpropInputV2"):  # (input_sizes, filter, out_backprop)
+    return 2.0 * np.prod(shape(op.inputs[2])) * np.prod(shape(op.inputs[1])[:-1])
+  if t in ("Conv2DBackpropFilter", "Conv3DBackpropFilterV2"):  # (input, filter_sizes, out_backprop) -> filter
+    return 2.0 * np.prod(shape(op.inputs[2])) * np.prod(shape(op.outputs[0])[:-1])
+  if t == "DepthwiseConv2dNative":
+    return 2.0 * np.prod(shape(op.outputs[0])) * np.prod(shape(op.inputs[1])[:2])
+  if t == "DepthwiseConv2dNativeBackpropInput":
+    return 2.0 * np.prod(shape(op.inputs[2])) * np.prod(shape(op.inputs[1])[:2])
+  if t == "DepthwiseConv2dNativeBackpropFilter":
+    return 2.0 * np.prod(shape(op.inputs[2])) * np.prod(shape(op.outputs[0])[:2])
+  if t in ("MatMul", "BatchMatMulV2", "BatchMatMulV3"):
+    a = shape(op.inputs[0])
+    k = a[-2] if op.get_attr("transpose_a" if t == "MatMul" else "adj_x") else a[-1]
+    return 2.0 * np.prod(shape(op.outputs[0])) * k
+  if t == "Einsum" and len(op.inputs) == 2 and "." not in op.get_attr("equation").decode():
+    # 2 x the product of the sizes of every index (e.g. the loss's text similarities 'bd,nkd->bnk')
+    lhs = op.get_attr("equation").decode().split("->")[0].split(",")
+    sizes = {}
+    for letters, tensor in zip(lhs, op.inputs):
+      sizes.update(zip(letters, shape(tensor)))
+    return 2.0 * np.prod(list(sizes.values()))
+  if "Einsum" in t or "Conv" in t or "MatMul" in t:
+    UNCOUNTED_OPS.add(t)  # reported on stderr: the count would be too low
+  return 0.0
+
+
+def _executed_flops(concrete) -> float:
+  """Conv/matmul FLOPs (forward and gradient ops) of the ops a traced step really runs.
+
+  A function runs the ops its outputs and its stateful ops (control outputs: the variable updates) depend on;
+  e.g. the unused input gradient of the first conv is traced but pruned.
+  """
+  graph = concrete.graph
+  stack = [t.op for t in graph.outputs] + list(graph.control_outputs)
+  seen = {}
+  while stack:
+    op = stack.pop()
+    if op.name not in seen:
+      seen[op.name] = op
+      stack.extend(t.op for t in op.inputs)
+      stack.extend(op.control_inputs)
+  return float(sum(_op_flops(op) for op in seen.values()))
 
 
 def _model_config(spec):
@@ -97,6 +147,9 @@ def run_one(name: str, steps: int, jit: bool) -> dict:
   t0 = time.perf_counter()
   step(batch).numpy()  # trace + compile
   compile_s = time.perf_counter() - t0
+  run_flops_step = _executed_flops(step.get_concrete_function(batch))  # the trace of the call above
+  if UNCOUNTED_OPS:
+    print(f"warning: conv/matmul-like ops not counted: {sorted(UNCOUNTED_OPS)}", file=sys.stderr)
   matmul(a).numpy()
   step_times, mm_times = [], []
   for _ in range(steps):  # alternate so that load changes hit both measurements
@@ -113,6 +166,7 @@ def run_one(name: str, steps: int, jit: bool) -> dict:
   return {"config": name, "batch": b, "shape": f"{t}x{c}x{c}", "jit": jit, "steps_per_s": 1 / step_s,
           "examples_per_s": b / step_s, "gflop_per_step": flops_step / 1e9, "achieved_gflops": achieved / 1e9,
           "matmul_gflops": mm_flops / 1e9, "fraction_of_matmul": achieved / mm_flops,
+          "run_gflop_per_step": run_flops_step / 1e9, "run_fraction_of_matmul": run_flops_step / step_s / mm_flops,
           "compile_s": compile_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
           "params_m": sum(int(tf.size(v)) for v in model.trainable_variables) / 1e6}
 
@@ -137,18 +191,21 @@ def main() -> int:
       proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--_child",
                              f"{name}:{int(jit)}"], capture_output=True, text=True, env=env)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      for warning in (l for l in proc.stderr.splitlines() if l.startswith("warning: ")):
+        print(f"{name}: {warning}", file=sys.stderr)
       if proc.returncode or not lines:
         print(f"{name} (jit={jit}) failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         continue
       rows.append(json.loads(lines[-1][7:]))
   header = ("| config | batch | T×H×W | XLA | steps/s | examples/s | GFLOP/step | achieved GFLOP/s | "
-            "matmul GFLOP/s | fraction | peak RSS GB | compile s |")
+            "matmul GFLOP/s | fraction | run GFLOP/step | run fraction | peak RSS GB | trace+compile s |")
   print(header)
   print("|" + "---|" * (header.count("|") - 1))
   for r in rows:
     print(f"| {r['config']} | {r['batch']} | {r['shape']} | {'on' if r['jit'] else 'off'} | "
-          f"{r['steps_per_s']:.2f} | {r['examples_per_s']:.1f} | {r['gflop_per_step']:.1f} | "
+          f"{r['steps_per_s']:.3f} | {r['examples_per_s']:.2f} | {r['gflop_per_step']:.1f} | "
           f"{r['achieved_gflops']:.1f} | {r['matmul_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | "
+          f"{r['run_gflop_per_step']:.1f} | {100 * r['run_fraction_of_matmul']:.0f}% | "
           f"{r['peak_rss_gb']:.2f} | {r['compile_s']:.0f} |")
   return 0
 

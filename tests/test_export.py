@@ -214,8 +214,19 @@ _KILLED_EXPORT = """
 import sys
 from mmv_tf.models import mmv
 from mmv_tf.serving import export, testing
+import time
+import tensorflow as tf
 model = mmv.build_mmv_model(**mmv.tiny_mmv_config(len(testing.VOCABULARY)))
 print("exporting", flush=True)
+# The worst moment to die: everything written, the rename into BASE/<N> not done. Block there so the
+# kill cannot race a fast export (a fixed sleep in the parent did, once the export got faster).
+_rename = tf.io.gfile.rename
+def _stall_before_rename(src, dst, *args, **kwargs):
+  if str(dst).rstrip("/").split("/")[-1].isdigit():
+    open(sys.argv[1] + "/.about_to_rename", "w").close()
+    time.sleep(3600)
+  return _rename(src, dst, *args, **kwargs)
+tf.io.gfile.rename = _stall_before_rename
 export.export_saved_model(model=model, export_base=sys.argv[1], vocabulary=testing.VOCABULARY)
 """
 
@@ -227,15 +238,14 @@ def test_sigkill_during_export_leaves_no_version(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   try:
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the export writes into its temporary directory
-      tmp = [n for n in (os.listdir(base) if base.exists() else []) if n.startswith(export.TMP_PREFIX)]
-      if tmp and os.listdir(base / tmp[0]):
+    while time.time() < deadline:  # wait until the export has written everything, just before the rename
+      if (base / ".about_to_rename").exists():
         break
       assert proc.poll() is None, "export finished or failed before it could be killed"
       time.sleep(0.05)
     else:
-      pytest.fail("export never started writing")
-    time.sleep(0.5)
+      pytest.fail("export never reached its rename")
+    (base / ".about_to_rename").unlink()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
   finally:

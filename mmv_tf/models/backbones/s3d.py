@@ -20,6 +20,10 @@ table, `kernel`->`w`, `bias`->`b`, `gamma`->`scale`, `beta`->`offset`, moving st
 | `Mixed_3b/Branch_1_Conv2d_0b_3x3/conv3_d` | `S3D/Mixed_3b/Branch_1_Conv2d_0b_3x3/~/conv3_d` (same pattern for every branch) |
 
 `<unit>` is `Conv2d_1a_7x7`, `Conv2d_2b_1x1`, `Conv2d_2c_3x3` or `Mixed_*/Branch_*`.
+
+Speed (CPU): the `conv3_d*` layers keep Keras Conv3D's 5-D `kernel` but run `conv_3d`, which computes the separable
+(1,k,k) / (k,1,1) / 1x1x1 kernels with Conv2D / MatMul on reshaped tensors, and the pools run `max_pool_3d` (2-D max
+pools); TF's CPU Conv3D and MaxPool3D gradients are several times slower (docs/training.md, train-step benchmark).
 """
 from __future__ import annotations
 
@@ -63,14 +67,135 @@ def _pad_spatial_same(x, kernel_size, strides):
   return tf.pad(x, pads + [[0, 0]])
 
 
+def _dims(x):
+  """Static sizes where known, scalar tensors otherwise (H and W may be dynamic in serving signatures)."""
+  dynamic = tf.shape(x)
+  return [s if s is not None else dynamic[i] for i, s in enumerate(x.shape)]
+
+
+def _frames(x):
+  """[B,T,H,W,C] -> [B*T,H,W,C] (free reshape) and the dims of x."""
+  d = _dims(x)
+  return tf.reshape(x, [-1, d[2], d[3], d[4]]), d
+
+
+def _unframes(y, d):
+  """[B*T,H',W',C'] -> [B,T,H',W',C'] with T = d[1]."""
+  e = _dims(y)
+  return tf.reshape(y, [-1, d[1], e[1], e[2], e[3]])
+
+
+def _time_major_pixels(x):
+  """[B,T,H,W,C] -> [B,T,H*W,C] (free reshape) and the dims of x."""
+  d = _dims(x)
+  return tf.reshape(x, [-1, d[1], d[2] * d[3], d[4]]), d
+
+
+def _unpixels(y, d):
+  """[B,T',H*W,C'] -> [B,T',H,W,C']."""
+  e = _dims(y)
+  return tf.reshape(y, [-1, e[1], d[2], d[3], e[3]])
+
+
+def max_pool_3d(x, pool_size, strides, padding: str = "SAME"):
+  """Exactly `tf.nn.max_pool3d(x, pool_size, strides, padding)` on [B,T,H,W,C], computed with 2-D max pools.
+
+  A max over a (pt,ph,pw) box is the max over time of the max over the (ph,pw) window, and TF pads each axis on
+  its own (SAME ignores out-of-range positions), so the spatial pool runs on [B*T,H,W,C] and the temporal one on
+  [B,T,H*W,C] with a (pt,1) window. TF's CPU MaxPool3D gradient is very slow; the 2-D one is not.
+
+  Gradient: each window's cotangent goes to its first maximum in (t,h,w) order, as with MaxPool3D under XLA (and
+  JAX). Only when a window has *tied* maxima does this differ from TF's non-XLA CPU MaxPool3DGrad, which gives
+  the full cotangent to every tied maximum (so a window can pass it on several times).
+  """
+  (pt, ph, pw), (st, sh, sw) = tuple(pool_size), tuple(strides)
+  padding = padding.upper()
+  if (ph, pw, sh, sw) != (1, 1, 1, 1):
+    frames, d = _frames(x)
+    x = _unframes(tf.nn.max_pool2d(frames, (ph, pw), (sh, sw), padding), d)
+  if (pt, st) != (1, 1):
+    pixels, d = _time_major_pixels(x)
+    x = _unpixels(tf.nn.max_pool2d(pixels, (pt, 1), (st, 1), padding), d)
+  return x
+
+
+def conv_3d(x, kernel, strides, padding: str = "SAME"):
+  """Exactly `tf.nn.conv3d(x, kernel, strides, padding)` (up to float summation order), with 2-D ops if possible.
+
+  kernel [kt,kh,kw,I,O] on x [B,T,H,W,I]:
+  * (1,1,1): a matmul over the channels (strides subsample: a size-1 window reads positions 0, s, 2s, ...);
+  * (1,kh,kw): a Conv2D on the frames [B*T,H,W,I] (temporal stride = frame subsampling);
+  * (kt,1,1): a Conv2D with a (kt,1) kernel on [B,T,H*W,I] (spatial strides = pixel subsampling);
+  * anything else (the stems): the Conv3D op itself.
+  TF pads 'SAME' per axis, so the 2-D ops pad T, H and W exactly as Conv3D does. TF's CPU Conv3D (and its
+  gradients) is much slower than Conv2D / MatMul.
+  """
+  kt, kh, kw = kernel.shape[:3]
+  st, sh, sw = tuple(strides)
+  padding = padding.upper()
+  if kt != 1 and (kh, kw) != (1, 1):
+    return tf.nn.conv3d(x, kernel, (1, st, sh, sw, 1), padding)
+  if kt == 1 and st != 1:
+    x = x[:, ::st]
+  if (kh, kw) == (1, 1) and (sh, sw) != (1, 1):
+    x = x[:, :, ::sh, ::sw]
+  if (kt, kh, kw) == (1, 1, 1):
+    d = _dims(x)
+    y = tf.matmul(tf.reshape(x, [-1, d[4]]), kernel[0, 0, 0])
+    return tf.reshape(y, [-1, d[1], d[2], d[3], kernel.shape[-1]])
+  if kt == 1:
+    frames, d = _frames(x)
+    return _unframes(tf.nn.conv2d(frames, kernel[0], (sh, sw), padding), d)
+  pixels, d = _time_major_pixels(x)
+  return _unpixels(tf.nn.conv2d(pixels, kernel[:, 0], (st, 1), padding), d)
+
+
 @keras.saving.register_keras_serializable(package="mmv_tf")
 class MaxPool3D(keras.layers.MaxPooling3D):
-  """MaxPooling3D that also runs float16 on CPU (TF has no CPU half kernel; max is exact in float32)."""
+  """MaxPooling3D computed by `max_pool_3d` (2-D pools: fast on CPU, with float16 CPU kernels)."""
 
   def call(self, x):
-    if x.dtype == tf.float16:
-      return tf.cast(super().call(tf.cast(x, tf.float32)), tf.float16)
-    return super().call(x)
+    if self.data_format != "channels_last":
+      raise ValueError("MaxPool3D supports channels_last only")
+    return max_pool_3d(x, self.pool_size, self.strides, self.padding)
+
+
+@keras.saving.register_keras_serializable(package="mmv_tf")
+class Conv3D(keras.layers.Layer):
+  """Bias-free Conv3D with Keras Conv3D's variable (`kernel` [kt,kh,kw,I,O]), computed by `conv_3d`.
+
+  Same variable name and shape as `keras.layers.Conv3D(use_bias=False)`, so checkpoints, the Haiku importer and
+  deflation see no difference; only the ops differ (2-D convs / matmuls for S3D-G's separable kernels).
+  """
+
+  def __init__(self, filters: int, kernel_size, strides=(1, 1, 1), padding: str = "same",
+               kernel_initializer="glorot_uniform", **kwargs):
+    super().__init__(**kwargs)
+    if padding not in ("same", "valid"):
+      raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+    self.filters = filters
+    self.kernel_size = tuple(kernel_size)
+    self.strides = tuple(strides)
+    self.padding = padding
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+  def build(self, input_shape):
+    self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, input_shape[-1], self.filters),
+                                  initializer=self.kernel_initializer, trainable=True)
+
+  def call(self, x):
+    return conv_3d(x, tf.cast(self.kernel, x.dtype), self.strides, self.padding)
+
+  def compute_output_shape(self, input_shape):
+    out = [input_shape[0]]
+    for n, k, s in zip(input_shape[1:4], self.kernel_size, self.strides):
+      out.append(None if n is None else (-(-n // s) if self.padding == "same" else -(-(n - k + 1) // s)))
+    return tuple(out) + (self.filters,)
+
+  def get_config(self):
+    return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+            "strides": self.strides, "padding": self.padding,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
@@ -101,8 +226,8 @@ class SUnit3D(keras.layers.Layer):
     self.convs, self.norms = [], []
     for i, (k, s) in enumerate(specs):
       suffix = f"_{i}" if i else ""
-      self.convs.append(keras.layers.Conv3D(
-          filters, k, strides=s, use_bias=False, padding="same" if temporal_padding == "same" else "valid",
+      self.convs.append(Conv3D(
+          filters, k, strides=s, padding="same" if temporal_padding == "same" else "valid",
           kernel_initializer=mmv_layers.conv_initializer(), name=f"conv3_d{suffix}"))
       self.norms.append(mmv_layers.batch_norm(name=f"batch_norm{suffix}"))
     self.gating = mmv_layers.SelfGating(name="self_gating") if self_gating else None
