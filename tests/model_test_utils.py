@@ -46,3 +46,16 @@ def assert_matches_reference(mapping: dict, reference: dict) -> None:
     shape = tuple(reference[key])
     expected = (shape[-1],) if "batch_norm" in key else shape
     assert tuple(var.shape) == expected, key
+
+
+def vocabulary_of_training_captions(data_dir):
+  """The vocabulary `mmv-tf train` would build from `data_dir/train-*.tfrecord` captions."""
+  import glob
+  import os
+  import tensorflow as tf
+  from mmv_tf.data import records, text as text_lib
+  captions = []
+  for path in sorted(glob.glob(os.path.join(data_dir, "train-*.tfrecord"))):
+    for raw in tf.data.TFRecordDataset(path):
+      captions += records.sequence_example_to_clip(raw.numpy()).captions
+  return text_lib.build_vocabulary(captions=captions)

@@ -21,13 +21,8 @@ COMPARED = ("text_to_video", "video_to_text", "audio_to_video", "video_to_audio"
 
 
 def _vocabulary(data_dir):
-  import tensorflow as tf
-  from mmv_tf.data import records, text as text_lib
-  captions = []
-  for path in sorted(glob.glob(os.path.join(data_dir, "train-*.tfrecord"))):
-    for raw in tf.data.TFRecordDataset(path):
-      captions += records.sequence_example_to_clip(raw.numpy()).captions
-  return text_lib.build_vocabulary(captions=captions)
+  from tests.model_test_utils import vocabulary_of_training_captions
+  return vocabulary_of_training_captions(data_dir)
 
 
 def train_tiny_model(*, data_dir, model_dir, steps, batch_size=16, seed=0):

@@ -24,12 +24,8 @@ SVM_C = 0.1
 
 
 def _vocabulary(data_dir):
-  from mmv_tf.data import records, text as text_lib
-  captions = []
-  for path in sorted(glob.glob(os.path.join(data_dir, "train-*.tfrecord"))):
-    for raw in tf.data.TFRecordDataset(path):
-      captions += records.sequence_example_to_clip(raw.numpy()).captions
-  return text_lib.build_vocabulary(captions=captions)
+  from tests.model_test_utils import vocabulary_of_training_captions
+  return vocabulary_of_training_captions(data_dir)
 
 
 @dataclasses.dataclass
