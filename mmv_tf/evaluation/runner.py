@@ -83,6 +83,39 @@ def get_protocol(name: str = "synthetic", **overrides) -> EvalProtocol:
   return dataclasses.replace(base, **overrides)
 
 
+# Metrics of `evaluate` results where larger is better / smaller is better.
+HIGHER_IS_BETTER = ("R@1", "R@5", "R@10", "top1", "top5")
+LOWER_IS_BETTER = ("median_rank", "mean_rank")
+# The tasks that judge a representation: retrieval in both spaces, the three probes, deflated image→text.
+PROBE_AND_RETRIEVAL_TASKS = ("text_to_video", "video_to_text", "audio_to_video", "video_to_audio",
+                             "linear_probe_video", "linear_probe_audio", "linear_probe_image",
+                             "image_to_text")
+
+
+def compare_results(results: Mapping[str, object], baseline: Mapping[str, object], *,
+                    tasks: Sequence[str] = PROBE_AND_RETRIEVAL_TASKS) -> List[Dict[str, object]]:
+  """Metric-by-metric comparison of two `evaluate` results (e.g. trained vs. random initialisation).
+
+  One row per (task, metric) present in both: {task, metric, value, baseline, margin, saturated} where
+  margin > 0 means `results` is better (for ranks: lower). `saturated` marks metrics at their best
+  possible value in both (R@K or top-k = 1, rank = 1), where no model can be better.
+  """
+  rows = []
+  for task in tasks:
+    a, b = results["tasks"].get(task), baseline["tasks"].get(task)
+    if a is None or b is None:
+      continue
+    for metric in HIGHER_IS_BETTER + LOWER_IS_BETTER:
+      if metric not in a or metric not in b:
+        continue
+      higher = metric in HIGHER_IS_BETTER
+      value, base = float(a[metric]), float(b[metric])
+      rows.append(dict(task=task, metric=metric, value=value, baseline=base,
+                       margin=(value - base) if higher else (base - value),
+                       saturated=value == base == 1.0))  # the best R@K/top-k and the best rank are both 1
+  return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data.
 

@@ -356,11 +356,14 @@ def build_mmv_model(**model_config) -> MMVModel:
 def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str = "s3d", num_frames: int = 8,
                     stride: int = 1, crop_size: int = 32, embedding_dim: int = 32, trainable_embedding: bool = True,
                     va_dim: int = 32, vat_dim: int = 16,
-                    video_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                    video_kwargs: Optional[dict[str, Any]] = None,
+                    audio_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """A model that trains in seconds on a CPU (tests, demo): ~1/8-width towers, 8 frames, 32 px crops.
 
-  `video_kwargs` update the video backbone's defaults below (e.g. {"width_multiplier": 0.125}).
+  `video_kwargs` / `audio_kwargs` update the backbones' defaults below (e.g. {"width_multiplier": 0.125}).
   """
+  if stride < 1:
+    raise ValueError(f"stride must be >= 1 (the step between sampled frames), got {stride}")
   if video_backbone == "s3d":
     defaults = {"width_multiplier": 0.125}
   else:
@@ -369,7 +372,7 @@ def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str 
   return complete_config({
       "video_backbone": video_backbone,
       "video_kwargs": video_kwargs,
-      "audio_kwargs": {"width_multiplier": 0.0625, "blocks": [1, 1, 1, 1]},
+      "audio_kwargs": {"width_multiplier": 0.0625, "blocks": [1, 1, 1, 1], **dict(audio_kwargs or {})},
       "vocab_size": vocab_size,
       "embedding_dim": embedding_dim,
       "trainable_embedding": trainable_embedding,

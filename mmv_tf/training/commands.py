@@ -1,6 +1,6 @@
 """`mmv-tf train`: contrastive pretraining configured by gin (gin/mmv/*.gin, gin/tiny/*.gin).
 
-    mmv-tf train --model_dir D --gin_file tiny/mmv_s3d_fac.gin --data_dir DATA
+    mmv-tf train --model_dir D --gin_file tiny/mmv_tsm_fac.gin --data_dir DATA
     mmv-tf train --model_dir gs://B/run --gin_file mmv/s3d_fac.gin --strategy tpu --tpu NAME \
         --gin_param "train.train_files = [['gs://B/howto100m/train-*'], ['gs://B/audioset/train-*']]"
 
