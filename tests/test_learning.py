@@ -84,6 +84,7 @@ def test_reduced_learning_run_on_correlated_stand_in_data(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~8 min on an idle 2-core machine; 2-3x that under load
 def test_full_tiny_run_held_out_retrieval_far_above_chance(tmp_path):
   from mmv_tf.data import synthetic
   data = str(tmp_path / "data")

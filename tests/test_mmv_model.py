@@ -199,3 +199,18 @@ def test_deflate_command_writes_a_loadable_image_network(tsm_models, tmp_path, c
   assert abs(l1_naive - info["l1_heldout_before"]) < 1e-6 and l1_naive != l1
   with pytest.raises(FileNotFoundError, match="mmv-tf deflate"):
     mmv.load_deflated(str(tmp_path / "elsewhere"))
+
+
+def test_tiny_config_backbone_overrides_and_stride_check():
+  cfg = mmv.tiny_mmv_config(VOCAB, video_backbone="tsm_resnet50", stride=2,
+                            video_kwargs={"width_multiplier": 0.125}, audio_kwargs={"width_multiplier": 0.125})
+  assert cfg["video_kwargs"] == {"width_multiplier": 0.125, "blocks": [1, 1, 1, 1]}
+  assert cfg["audio_kwargs"] == {"width_multiplier": 0.125, "blocks": [1, 1, 1, 1]}
+  assert cfg["preprocessing"]["stride"] == 2
+  # The audio tower really is twice as wide (its last conv has twice the channels).
+  narrow = mmv.build_mmv_model(**mmv.tiny_mmv_config(VOCAB, video_backbone="tsm_resnet50"))
+  wide = mmv.build_mmv_model(**cfg)
+  dims = [m.embed_audio(tf.zeros([1, 20, 80, 1]))["last_conv"].shape[-1] for m in (narrow, wide)]
+  assert dims[1] == 2 * dims[0], dims
+  with pytest.raises(ValueError, match="stride must be >= 1"):
+    mmv.tiny_mmv_config(VOCAB, stride=0)
