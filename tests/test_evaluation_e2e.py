@@ -60,6 +60,11 @@ def test_pretrained_beats_random_init_on_every_probe_and_retrieval_metric(tmp_pa
   not_better = [r for r in rows if r["margin"] <= 0 and not r["saturated"]]
   assert not not_better, not_better
   assert summary["passed"], "\n".join(lines)
+  # The trained model's report has every figure (checked on `make demo`'s report.html of the same path).
+  page = open(summary["report"], encoding="utf-8").read()
+  for fig in ("similarity", "recall_curves", "nearest_neighbours", "confusion", "embedding_map",
+              "training_curves"):
+    assert f"id='{fig}'" in page, fig
 
 
 def test_evaluate_command_with_cached_features(tmp_path, capsys):
