@@ -265,7 +265,7 @@ def test_evaluate_saved_model_equals_model_dir_and_cli(tiny, tmp_path, capsys):
 
 # -- 4. clear errors ------------------------------------------------------------------------------------------
 
-def _write_saved_model(path, *, video_frames=8, with_video=True, model_config=None):
+def _write_saved_model(path, *, video_frames=8, with_video=True, model_config=None, text_signature="text_ids"):
   """A minimal SavedModel with mmv_tf-style signatures (fast to write and load)."""
 
   class Module(tf.Module):
@@ -278,8 +278,12 @@ def _write_saved_model(path, *, video_frames=8, with_video=True, model_config=No
     def text_ids(self, word_ids):
       return {"vat": tf.cast(word_ids[:, :3], tf.float32)}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def text(self, text):
+      return {"vat": tf.stack([tf.cast(tf.strings.length(text), tf.float32), tf.ones_like(text, tf.float32)], 1)}
+
   module = Module()
-  signatures = {"text_ids": module.text_ids}
+  signatures = {text_signature: getattr(module, text_signature)}
   if with_video:
     signatures["video"] = module.video
   tf.saved_model.save(module, str(path), signatures=signatures)
@@ -362,3 +366,15 @@ def test_cli_evaluates_a_saved_model_with_settings_from_the_export(tiny, tmp_pat
   err = capsys.readouterr().err
   assert "model_config.json is missing" in err
   assert "missing preprocessing settings ['num_frames', 'crop_size', 'min_resize']" in err
+
+
+def test_padding_captions_without_a_text_ids_signature_get_zeros(tiny, tmp_path):
+  """Empty captions (padding) cannot go through `text`; without `text_ids` they embed as zeros of the
+  signature's width, also when a whole chunk is padding (chunks are concatenated afterwards)."""
+  from mmv_tf.evaluation import features as FE
+  path = _write_saved_model(tmp_path / "strings_only", model_config=tiny.config, text_signature="text")
+  embedder = FE.SavedModelEmbedder(path)
+  assert embedder.text_input == "strings"
+  got = embedder.embed_captions(["abc", "", "hello"])["vat"]
+  np.testing.assert_array_equal(got, [[3.0, 1.0], [0.0, 0.0], [5.0, 1.0]])
+  assert embedder.embed_captions(["", ""])["vat"].shape == (2, 2)

@@ -142,7 +142,7 @@ class KerasEmbedder:
     """Waveform [B,S] → log-mel with the model's settings → `embed_audio` (what the `audio` signature does)."""
     from mmv_tf.data import processors
     pre = dict(getattr(self.model, "preprocessing_config", {}) or {})
-    kwargs = {k: pre[k] for k in ("sample_rate", *PIPELINE_LOG_MEL) if k in pre}
+    kwargs = {k: pre[k] for k in ("sample_rate", *LOG_MEL_KEYS) if k in pre}
     mel = processors.log_mel_spectrogram(np.asarray(audio, np.float32), **kwargs)
     return self.embed_audio(np.asarray(mel)[..., None])
 
@@ -177,9 +177,17 @@ SIGNATURE_SPECS = {
 }
 # Settings evaluation cannot guess when an export has no assets.extra/model_config.json.
 REQUIRED_SETTINGS = ("num_frames", "crop_size", "min_resize")
-# The spectrogram the data pipeline computes (`pipeline.add_log_mel`: only sample_rate is configurable).
-PIPELINE_LOG_MEL = {"frame_length": 2048, "frame_step": 1024, "num_mel_bins": 80,
-                    "lower_edge_hertz": 80.0, "upper_edge_hertz": 7600.0}
+# The spectrogram settings beside sample_rate; the evaluation pipeline (`pipeline.add_log_mel`) uses the
+# defaults of `processors.log_mel_spectrogram` for them (`pipeline_log_mel_settings`).
+LOG_MEL_KEYS = ("frame_length", "frame_step", "num_mel_bins", "lower_edge_hertz", "upper_edge_hertz")
+
+
+def pipeline_log_mel_settings() -> Dict[str, float]:
+  """The log-mel settings the evaluation pipeline computes with (read off the function, not restated)."""
+  import inspect
+  from mmv_tf.data import processors
+  params = inspect.signature(processors.log_mel_spectrogram).parameters
+  return {k: params[k].default for k in LOG_MEL_KEYS}
 EXTRA_DIR = "assets.extra"
 MODEL_CONFIG_FILE = "model_config.json"
 EXPORT_INFO_FILE = "mmv_export.json"
@@ -312,7 +320,7 @@ class SavedModelEmbedder:
         problems.append(f"{where}: outputs {sorted(missing)} missing (has "
                         f"{sorted(self._sigs[sig_name].structured_outputs)})")
     if self.audio_input == "log_mel":
-      differ = {k: (self.preprocessing[k], v) for k, v in PIPELINE_LOG_MEL.items()
+      differ = {k: (self.preprocessing[k], v) for k, v in pipeline_log_mel_settings().items()
                 if k in self.preprocessing and float(self.preprocessing[k]) != float(v)}
       if differ:
         problems.append(f"signature 'audio_spectrogram': the model's spectrogram settings {differ} (model, "
@@ -389,31 +397,25 @@ class SavedModelEmbedder:
 
   def embed_captions(self, strings):
     """Raw strings through `text` (the export's tokenizer). Empty strings (padding captions, which the
-    signature rejects) get the embedding of all-padding ids, as the pipeline's tokenizer gives them."""
+    signature rejects) get the embedding of all-padding ids, as the pipeline's tokenizer gives them
+    (`text_ids`), or zeros when the export has no `text_ids` (padding captions are masked out anyway)."""
     import tensorflow as tf
     strings = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in strings]
     if "text" not in self._sigs:
       raise NotImplementedError(f"{self.path} has no 'text' signature (has {self.signature_names})")
     real = [i for i, s in enumerate(strings) if s]
     empty = [i for i, s in enumerate(strings) if not s]
-    parts = {}
+    outputs = self._sigs["text"].structured_outputs
+    out = {k: np.zeros((len(strings), outputs[k].shape[-1]), np.float32) for k in TEXT_OUTPUTS}
     if real:
-      parts["real"] = self._call("text", "text", [strings[i] for i in real], tf.string, TEXT_OUTPUTS)
-    if empty:
+      emb = self._call("text", "text", [strings[i] for i in real], tf.string, TEXT_OUTPUTS)
+      for k in TEXT_OUTPUTS:
+        out[k][real] = emb[k]
+    if empty and "text_ids" in self._sigs:
       length = self._static_dim("text_ids", 1) or int(self.preprocessing.get("max_tokens", 16))
-      if "text_ids" in self._sigs:
-        parts["empty"] = self.embed_text(np.zeros((len(empty), length), np.int32))
-      else:
-        dim = next(iter(parts["real"].values())).shape[-1] if real else 1
-        parts["empty"] = {"vat": np.zeros((len(empty), dim), np.float32)}
-    out = {}
-    for key in TEXT_OUTPUTS:
-      rows = [None] * len(strings)
-      for idx, part in ((real, parts.get("real")), (empty, parts.get("empty"))):
-        if part is not None:
-          for j, i in enumerate(idx):
-            rows[i] = part[key][j]
-      out[key] = np.stack(rows).astype(np.float32)
+      emb = self.embed_text(np.zeros((len(empty), length), np.int32))
+      for k in TEXT_OUTPUTS:
+        out[k][empty] = emb[k]
     return out
 
 
