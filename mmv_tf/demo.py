@@ -152,9 +152,8 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
 
   from mmv_tf import gin_utils
   from mmv_tf.data import synthetic
-  from mmv_tf.evaluation import features as FE
+  from mmv_tf import families
   from mmv_tf.evaluation import runner
-  from mmv_tf.models import mmv
   from mmv_tf.serving import export as export_lib
   from mmv_tf.training import commands as train_commands
 
@@ -215,9 +214,10 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
                             vocabulary=vocab, title="mmv_tf demo: trained model", **patterns)
   import keras
   keras.utils.set_random_seed(config.seed)  # the same random-init baseline on every run
-  random_model = mmv.build_mmv_model(**mmv.load_model_config(model_dir))
-  random_embedder = FE.KerasEmbedder(model=random_model, image_model=FE.naive_deflation(random_model),
-                                     vocabulary_path=vocab, name="random-init")
+  family, model_config = families.load_config(model_dir)
+  random_model = family.build_model(model_config)
+  random_embedder = family.embedder(random_model, image_model=family.image_model(None, random_model)[0],
+                                    vocabulary_path=vocab, name="random-init")
   random_init = runner.evaluate(output_dir=os.path.join(wd, "eval", "random_init"), embedder=random_embedder,
                                 vocabulary=vocab, report=False, title="random init", **patterns)
   rows = check_thresholds(trained, random_init, THRESHOLDS, REPORTED)
@@ -265,13 +265,13 @@ def _serve_and_query(*, export_base: str, data_dir: str, model_dir: str, print_f
   """Starts the local server on free loopback ports, sends text, video and image queries, stops it."""
   import numpy as np
 
+  from mmv_tf import families
   from mmv_tf.data import pipeline
-  from mmv_tf.models import mmv
   from mmv_tf.serving import client as client_lib
   from mmv_tf.serving import server as server_lib
 
-  config = mmv.load_model_config(model_dir)
-  prep = config.get("preprocessing", {})
+  family, config = families.load_config(model_dir)
+  prep = family.preprocessing(config)
   server = server_lib.ModelServer(server_lib.ServerOptions(
       model_name="mmv", model_base_path=export_base, port=0, rest_api_port=0))
   grpc_port, rest_port = server.start()

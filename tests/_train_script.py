@@ -37,7 +37,7 @@ def main():
     return captured["model"]
 
   result = trainer.train(model_dir=model_dir, steps=steps, batch_size=8, strategy=strategy,
-                         model_builder=builder, model_config={},
+                         family="mmv", model_builder=builder, model_config={},
                          dataset_fn=_standin.dataset_fn_for(_standin.make_arrays(64)),
                          learning_rate=0.05, warmup_steps=2, checkpoint_every=5, log_every=1,
                          on_step=on_step, print_fn=lambda s: print(s, flush=True))

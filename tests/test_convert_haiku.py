@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from mmv_tf import cli
-from mmv_tf.convert import mmv_haiku as mh
+from mmv_tf.families.mmv import import_haiku as mh
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 PARAM_FILES = {"s3d": "mmv_haiku_params_s3d.txt.gz", "tsm-resnet50": "mmv_haiku_params_tsm_resnet_x1.txt.gz",
@@ -222,7 +222,7 @@ def test_cli_imports_and_exports(tmp_path, capsys, tsm_tiny):
                              model.vis_embd(tf.nn.relu(want_a["va"]), training=False).numpy(), rtol=1e-5, atol=1e-5)
 
   # The model dir restores to the same weights (every variable, through the checkpoint).
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   restored = mmv.restore_from_model_dir(str(tmp_path / "model"))
   for a, b in zip(restored.variables, model.variables):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)

@@ -72,7 +72,7 @@ def test_evaluate_command_with_cached_features(tmp_path, capsys):
   import tensorflow as tf
   from mmv_tf import cli
   from mmv_tf.data import synthetic, text as text_lib
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   data = str(tmp_path / "data")
   synthetic.generate_synthetic_dataset(output_dir=data, num_train=12, num_eval=8, num_images=8, seed=1)
   vocab = _vocabulary(data)

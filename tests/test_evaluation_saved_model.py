@@ -50,7 +50,8 @@ def tiny(tmp_path_factory):
   import keras
   from mmv_tf.data import synthetic, text as text_lib
   from mmv_tf.evaluation import features as FE
-  from mmv_tf.models import deflation, mmv
+  from mmv_tf.models import deflation
+  from mmv_tf.families.mmv import model as mmv
   from mmv_tf.serving import export
   root = tmp_path_factory.mktemp("saved_model_eval")
   data = str(root / "data")
@@ -121,7 +122,7 @@ def _assert_same_metrics(got, want):
 # -- 1. the export ships what evaluation needs -------------------------------------------------------------
 
 def test_export_ships_model_config_and_vocabulary(tiny):
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   from mmv_tf.serving import export
   extra = os.path.join(tiny.version_dir, "assets.extra")
   with open(os.path.join(extra, "model_config.json")) as f:

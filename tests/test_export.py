@@ -212,7 +212,7 @@ def test_versions_are_never_overwritten(tiny, tmp_path):
 
 _KILLED_EXPORT = """
 import sys
-from mmv_tf.models import mmv
+from mmv_tf.families.mmv import model as mmv
 from mmv_tf.serving import export, testing
 import time
 import tensorflow as tf

@@ -49,9 +49,11 @@ def test_paper_configs_hold_the_paper_hyperparameters(name):
   q = gin.query_parameter
   assert q("train.batch_size") == 4096 and q("train.learning_rate") == 2e-3
   assert q("train.warmup_steps") == 5000 and q("train.schedule") == "warmup_cosine"
-  assert q("train.optimizer") == "adam" and q("train.temperature") == 0.07
-  assert q("train.va_weight") == q("train.vt_weight") == 1.0
-  assert q("mmv_model_config.preprocessing") == {"num_frames": 32, "crop_size": 200}
+  assert q("train.optimizer") == "adam" and q("train.family") == "mmv"
+  assert q("train.loss_config") == {"temperature": 0.07, "va_weight": 1.0, "vt_weight": 1.0,
+                                    "direction": "symmetric"}
+  assert q("mmv_model_config.preprocessing") == {"num_frames": 32, "stride": 1, "crop_size": 200,
+                                                 "min_resize": 224}
   assert q("mmv_model_config.graph") == "fac"
   backbone = name.split("/")[1].rsplit("_fac", 1)[0]
   assert q("mmv_model_config.video_backbone") == backbone
@@ -92,7 +94,7 @@ def test_paper_configs_run_two_steps_with_tiny_overrides(tmp_path, synthetic, na
   tiny_backbone = "s3d" if backbone == "s3d" else "tsm_resnet50"
   model_dir = _run_two_steps(tmp_path, name, _SMOKE + [
       f"train.train_files = [['{synthetic}'], ['{synthetic}']]",
-      "train.data_config = {'mixture_weights': [1.0, 1.0], 'min_resize': 40, 'shuffle_buffer': 8}",
+      "train.data_config = {'mixture_weights': [1.0, 1.0], 'shuffle_buffer': 8}",
       "train.model_config = @tiny_mmv_config()",
       f"tiny_mmv_config.video_backbone = '{tiny_backbone}'",
       "tiny_mmv_config.vocab_size = None", "tiny_mmv_config.num_frames = 8", "tiny_mmv_config.crop_size = 32",

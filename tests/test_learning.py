@@ -47,7 +47,7 @@ def _ranks(query, keys):
 
 def held_out_retrieval(model_dir, eval_pattern):
   from mmv_tf.data import pipeline, text
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   model = mmv.restore_from_model_dir(str(model_dir))
   vocab = text.read_vocabulary(os.path.join(str(model_dir), "vocab.txt"))
   pre = model.preprocessing_config
@@ -74,9 +74,9 @@ def test_reduced_learning_run_on_correlated_stand_in_data(tmp_path):
   from mmv_tf.training import trainer
   arrays = _standin.make_arrays(512, seed=4)
   result = trainer.train(model_dir=str(tmp_path / "run"), steps=120, batch_size=16, strategy="default",
-                         model_builder=_standin.build_standin, model_config={},
+                         family="mmv", model_builder=_standin.build_standin, model_config={},
                          dataset_fn=_standin.dataset_fn_for(arrays), learning_rate=1e-2, warmup_steps=5,
-                         temperature=0.1, log_every=10, checkpoint_every=1000, print_fn=lambda line: None)
+                         loss_config={"temperature": 0.1}, log_every=10, checkpoint_every=1000, print_fn=lambda line: None)
   first, last = result.history[0], result.history[-3:]
   assert np.mean([h["loss"] for h in last]) < first["loss"] - 0.5, result.history
   assert np.mean([h["retrieval/acc_video_to_audio"] for h in last]) > 4 / 16, result.history

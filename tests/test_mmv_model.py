@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mmv_tf import cli
-from mmv_tf.models import mmv
+from mmv_tf.families.mmv import model as mmv
 
 VOCAB = 30
 
@@ -179,7 +179,8 @@ def test_deflate_command_writes_a_loadable_image_network(tsm_models, tmp_path, c
   result = json.loads(capsys.readouterr().out.splitlines()[0])
   assert all(np.isfinite(v) and v >= 0 for v in result.values())
   # (Whether the refit shrinks the gap is tested with the deflation module; here: plumbing and persistence.)
-  image_model = mmv.load_deflated(model_dir)
+  from mmv_tf.models import deflation
+  image_model = deflation.load_deflated(model_dir)
   with open(os.path.join(model_dir, "deflated", "deflated_config.json")) as f:
     info = json.load(f)
   assert info["backbone_config"]["deflated"] and info["num_fit_images"] == 8
@@ -187,7 +188,6 @@ def test_deflate_command_writes_a_loadable_image_network(tsm_models, tmp_path, c
   out = image_model(images)
   assert out["before_head"].shape == (2, fac.video_backbone.output_dim)
   # The reloaded network is the refit one: the stored L1 on held-out data is reproduced.
-  from mmv_tf.models import deflation
   from mmv_tf.models.commands import read_images
   held = read_images(pattern=str(tmp_path / "images-*.tfrecord"), count=12, crop_size=fac.crop_size)[8:]
   l1 = deflation.feature_l1(video_model=fac.video_backbone, image_model=image_model.backbone, images=held,
@@ -198,7 +198,7 @@ def test_deflate_command_writes_a_loadable_image_network(tsm_models, tmp_path, c
                                   num_frames=fac.num_frames, batch_size=4)
   assert abs(l1_naive - info["l1_heldout_before"]) < 1e-6 and l1_naive != l1
   with pytest.raises(FileNotFoundError, match="mmv-tf deflate"):
-    mmv.load_deflated(str(tmp_path / "elsewhere"))
+    deflation.load_deflated(str(tmp_path / "elsewhere"))
 
 
 def test_tiny_config_backbone_overrides_and_stride_check():

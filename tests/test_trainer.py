@@ -22,7 +22,7 @@ def _train(model_dir, *, steps, strategy="default", **kwargs):
   kwargs.setdefault("print_fn", lambda line: None)
   kwargs.setdefault("dataset_fn", _standin.dataset_fn_for(ARRAYS))
   return trainer.train(model_dir=str(model_dir), steps=steps, strategy=strategy,
-                       model_builder=_standin.build_standin, model_config={}, **kwargs)
+                       family="mmv", model_builder=_standin.build_standin, model_config={}, **kwargs)
 
 
 def _weights(model_dir, checkpoint=None):
@@ -46,7 +46,7 @@ def test_logged_loss_equals_independent_loss_under_two_replicas(tmp_path):
   assert mirrored.num_replicas_in_sync == 2
   # lr 0: the weights the step used are the initial ones, which we rebuild independently.
   result = _train(tmp_path, steps=1, strategy=mirrored, learning_rate=0.0, schedule="constant",
-                  temperature=0.1, va_weight=1.0, vt_weight=2.0)
+                  loss_config={"temperature": 0.1, "va_weight": 1.0, "vt_weight": 2.0})
   logged = result.history[0]
   model = _standin.build_standin()
   batch = {k: v[:8] for k, v in ARRAYS.items()}

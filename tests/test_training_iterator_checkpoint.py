@@ -17,13 +17,17 @@ import pytest
 import tensorflow as tf
 
 from mmv_tf.data import pipeline, records, schema, synthetic
+from mmv_tf import families
 from mmv_tf.training import checkpointing, trainer
 from mmv_tf.training import strategy as strategy_lib
 from test_pipeline import BAD_CASES
 
 EXAMPLE_ID = "example_id"
 PER_REPLICA_BATCH = 4
-DATA_CONFIG = {"num_frames": 4, "crop_size": 32, "min_resize": 40, "num_captions": 2, "shuffle_buffer": 16}
+PREPROCESSING = {"num_frames": 4, "crop_size": 32, "min_resize": 40}
+# The trainer's data options (the model config's preprocessing holds the rest).
+OPTIONS = {"num_captions": 2, "shuffle_buffer": 16}
+DATA_CONFIG = dict(PREPROCESSING, **OPTIONS)  # as `make_pretraining_dataset` arguments
 
 
 def add_example_id(processor):
@@ -95,8 +99,9 @@ def _strategy(name):
 def _train(model_dir, files, *, steps, strategy, **kwargs):
   replicas = strategy.num_replicas_in_sync
   return trainer.train(model_dir=str(model_dir), steps=steps, batch_size=PER_REPLICA_BATCH * replicas,
-                       train_files=files, data_config=dict(DATA_CONFIG, customize=add_example_id),
-                       strategy=strategy, model_builder=build_pool_model, model_config={},
+                       train_files=files, data_config=dict(OPTIONS, customize=add_example_id),
+                       strategy=strategy, family="mmv", model_builder=build_pool_model,
+                       model_config={"preprocessing": PREPROCESSING},
                        metrics_fn=ids_metrics_fn, learning_rate=0.01, schedule="constant", log_every=1,
                        checkpoint_every=1000, **kwargs)
 
@@ -126,8 +131,10 @@ def _uninterrupted_input(model_dir, train_files, strategy, steps):
   trainer's dataset (same vocabulary, config and seed) through the same `CheckpointableInput`."""
   vocab = trainer.resolve_vocabulary(model_dir=str(model_dir), vocabulary=None, train_files=None,
                                      max_vocab_size=None)  # the run's vocab.txt
-  dataset_fn = trainer._pretraining_dataset_fn(train_files=train_files, vocab=vocab, model_config={},
-                                               data_config=dict(DATA_CONFIG, customize=add_example_id), seed=0)
+  family = families.get("mmv")
+  config = family.complete_config({"preprocessing": PREPROCESSING, "vocab_size": len(vocab)})
+  dataset_fn = family.train_dataset_fn(config, file_patterns=train_files, vocabulary=vocab, seed=0,
+                                       options=dict(OPTIONS, customize=add_example_id))
   replicas = strategy.num_replicas_in_sync
   feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=PER_REPLICA_BATCH * replicas)
   out, skipped = [], 0

@@ -80,7 +80,8 @@ def _train(model_dir, *, steps, policy, captured=None, **kwargs):
   kwargs.setdefault("batch_size", 8)
   kwargs.setdefault("learning_rate", 0.01)
   kwargs.setdefault("schedule", "constant")
-  return trainer.train(model_dir=str(model_dir), steps=steps, strategy=_mirrored(), model_builder=builder,
+  return trainer.train(model_dir=str(model_dir), steps=steps, strategy=_mirrored(), family="mmv",
+                       model_builder=builder,
                        model_config={}, dataset_fn=_standin.dataset_fn_for(ARRAYS), mixed_precision=policy,
                        log_every=1, print_fn=lambda line: None, **kwargs)
 
@@ -237,7 +238,7 @@ TINY_TAU = 0.1
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   from mmv_tf.data import synthetic
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   out = tmp_path_factory.mktemp("synthetic")
   synthetic.generate_synthetic_dataset(output_dir=str(out), num_train=16, num_eval=0, num_images=0, seed=3,
                                        num_frames=10, train_shards=2)
@@ -260,8 +261,9 @@ def tiny(tmp_path_factory):
         model_dir=str(model_dir), steps=kwargs.pop("steps", 2), batch_size=8,
         model_config=mmv.tiny_mmv_config(0, video_backbone="tsm_resnet50"),
         train_files=str(out / "train-*.tfrecord"),
-        data_config={"min_resize": 40, "num_captions": 2, "shuffle_buffer": 8},
-        strategy=_mirrored(), schedule="constant", temperature=TINY_TAU, mixed_precision=policy,
+        data_config={"num_captions": 2, "shuffle_buffer": 8},
+        strategy=_mirrored(), schedule="constant", loss_config={"temperature": TINY_TAU}, family="mmv",
+        mixed_precision=policy,
         model_builder=builder, log_every=1, print_fn=lambda line: None, **kwargs)
     # What `train` writes itself when it builds the MMV model (here a custom builder shares weights).
     mmv.save_model_config(str(model_dir), shared["config"])
@@ -275,7 +277,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_tiny_config_mixed_precision_on_synthetic_records(tmp_path, tiny, policy):
   from mmv_tf.data import pipeline, text
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   from mmv_tf.serving import export
   model_dir = tmp_path / "run"
   # float16 at the default initial scale (2^15): the tiny model's first step overflows; the step is

@@ -1,4 +1,7 @@
-"""`mmv-tf import-checkpoint`: released MMV Haiku pickle -> versioned SavedModel (and optionally a model dir).
+"""`mmv-tf import-checkpoint`: a released checkpoint -> versioned SavedModel (and optionally a model dir).
+
+The format names the family and its importer (`Family.importers`; `--format` lists every registered one).
+The released MMV Haiku pickles:
 
   mmv-tf import-checkpoint --format mmv-haiku --variant s3d --checkpoint mmv_s3d.pkl --export_dir /models/mmv \
       [--num_frames 32] [--vocab vocab.txt] [--model_dir runs/mmv_s3d_released]
@@ -17,10 +20,10 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--format", default="mmv-haiku", choices=["mmv-haiku"], help="checkpoint format")
-  parser.add_argument("--variant", required=True, choices=["s3d", "tsm-resnet50", "tsm-resnet50x2"],
-                      help="which released model the pickle holds")
-  parser.add_argument("--checkpoint", required=True, help="the .pkl file ({'params', 'state'})")
+  parser.add_argument("--format", default="mmv-haiku", choices=sorted(_importers()), help="checkpoint format")
+  parser.add_argument("--variant", default=None, choices=["s3d", "tsm-resnet50", "tsm-resnet50x2"],
+                      help="mmv-haiku: which released model the pickle holds")
+  parser.add_argument("--checkpoint", required=True, help="the checkpoint file (mmv-haiku: the .pkl file)")
   parser.add_argument("--export_dir", required=True, help="export base; the SavedModel goes to BASE/<version>")
   parser.add_argument("--version", type=int, default=None, help="export version (default: next free)")
   parser.add_argument("--num_frames", type=int, default=32,
@@ -37,32 +40,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no_warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests")
 
 
-def _write_model_dir(*, model, model_dir: str, vocab) -> str:
+def _importers() -> dict:
+  """{format: (family, importer)} over every registered family."""
+  from mmv_tf import families
+  out = {}
+  for name in families.names():
+    family = families.get(name)
+    out.update({fmt: (family, fn) for fmt, fn in family.importers.items()})
+  return out
+
+
+def _write_model_dir(*, family, model, model_dir: str, vocab) -> str:
   import shutil
   import tensorflow as tf
-  from mmv_tf.models import mmv
+  from mmv_tf import families
 
-  mmv.save_model_config(model_dir, model.get_config())
+  families.save_config(model_dir, family=family, config=model.get_config())
   # Same layout as the trainer's checkpoints (key `model`), so restore_from_model_dir / export find it.
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), model_dir, max_to_keep=1)
   path = manager.save(checkpoint_number=0)
   if vocab:
-    with tf.io.gfile.GFile(vocab, "rb") as src, tf.io.gfile.GFile(os.path.join(model_dir, "vocab.txt"), "wb") as dst:
+    with tf.io.gfile.GFile(vocab, "rb") as src, tf.io.gfile.GFile(os.path.join(model_dir, families.VOCAB_NAME), "wb") as dst:
       shutil.copyfileobj(src, dst)
   return path
 
 
-def export_signatures(*, model, export_base: str, version=None, vocabulary=None, warmup: bool = True) -> str:
+def export_signatures(*, family, model, export_base: str, fmt: str, version=None, vocabulary=None,
+                      warmup: bool = True) -> str:
   """Exports through `mmv_tf.serving.export.export_saved_model` (all signatures, atomic, warmup)."""
   from mmv_tf.serving import export as export_lib
-  return export_lib.export_saved_model(model=model, export_base=export_base, version=version,
-                                       vocabulary=vocabulary, warmup=warmup,
-                                       extra_info={"imported_from": "mmv-haiku"})
+  return export_lib.export_saved_model(model=model, family=family, export_base=export_base, version=version,
+                                       vocabulary=vocabulary, warmup=warmup, extra_info={"imported_from": fmt})
 
 
 def run(args: argparse.Namespace) -> int:
-  from mmv_tf.convert import mmv_haiku
-
+  family, importer = _importers()[args.format]
   overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else None
   vocab_size = None
   if args.vocab:
@@ -70,13 +82,12 @@ def run(args: argparse.Namespace) -> int:
     vocab_size = len(text_lib.read_vocabulary(args.vocab))
   print(f"loading {args.checkpoint} ...", flush=True)
   try:
-    model, report = mmv_haiku.import_checkpoint(variant=args.variant, checkpoint=args.checkpoint,
-                                                num_frames=args.num_frames, crop_size=args.crop_size,
-                                                overrides=overrides)
-  except mmv_haiku.CheckpointMismatchError as e:
+    model, summary = importer(checkpoint=args.checkpoint, variant=args.variant, num_frames=args.num_frames,
+                              crop_size=args.crop_size, overrides=overrides)
+  except ValueError as e:  # every unmapped or mis-shaped tensor is named in the message
     print(f"mmv-tf import-checkpoint: {e}", file=sys.stderr)
     return 1
-  print(f"mapped every tensor: {mmv_haiku.summary(model, report)}")
+  print(f"mapped every tensor: {summary}")
   if vocab_size is not None and vocab_size != model.vocab_size:
     print(f"mmv-tf import-checkpoint: --vocab has {vocab_size} tokens but the checkpoint's embedding table "
           f"has {model.vocab_size} rows", file=sys.stderr)
@@ -86,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
           f"[B,{model.max_tokens}], ids < {model.vocab_size}) is exported. The released vocabulary is not "
           "public; pass --vocab FILE (line i = word of embedding row i) to add `text`.")
   if args.model_dir:
-    path = _write_model_dir(model=model, model_dir=args.model_dir, vocab=args.vocab)
+    path = _write_model_dir(family=family, model=model, model_dir=args.model_dir, vocab=args.vocab)
     print(f"model dir: {args.model_dir} (checkpoint {path})")
-  out = export_signatures(model=model, export_base=args.export_dir, version=args.version,
-                          vocabulary=args.vocab, warmup=not args.no_warmup)
+  out = export_signatures(family=family, model=model, export_base=args.export_dir, fmt=args.format,
+                          version=args.version, vocabulary=args.vocab, warmup=not args.no_warmup)
   print(f"exported {out}")
   return 0
 

@@ -26,7 +26,7 @@ import enum
 import logging
 import os
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -367,7 +367,8 @@ def build_clip_processor(*, is_training: bool, tokenizer: Optional[text_lib.Word
                          keep_raw_captions: bool = False, random_flip: bool = True,
                          color_augmentation: bool = True, scale_jitter: bool = True,
                          color_drop_prob: float = 0.0, spec_augment: bool = False,
-                         space_to_depth: bool = False) -> ClipProcessor:
+                         space_to_depth: bool = False,
+                         log_mel_settings: Optional[Mapping[str, float]] = None) -> ClipProcessor:
   """The MMV recipe as a `ClipProcessor`; flags choose the modalities a model family needs."""
   proc = ClipProcessor()
   if with_video:
@@ -382,7 +383,8 @@ def build_clip_processor(*, is_training: bool, tokenizer: Optional[text_lib.Word
     add_audio(proc, is_training=is_training, num_samples=num_audio_samples, sample_rate=sample_rate,
               num_test_clips=num_test_clips, frame_rate=frame_rate, output_waveform=with_waveform)
     if with_log_mel:
-      add_log_mel(proc, is_training=is_training, sample_rate=sample_rate, spec_augment=spec_augment)
+      add_log_mel(proc, is_training=is_training, sample_rate=sample_rate, spec_augment=spec_augment,
+                  **dict(log_mel_settings or {}))
   if with_text:
     if tokenizer is None:
       raise ValueError("with_text=True needs a vocabulary or a tokenizer")
@@ -539,7 +541,7 @@ def make_pretraining_dataset(
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
     random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
     color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
-    seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
+    log_mel_settings: Optional[Mapping[str, float]] = None, seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
     num_parallel_reads: Optional[int] = None,
@@ -570,7 +572,7 @@ def make_pretraining_dataset(
       with_audio=with_audio, with_log_mel=with_log_mel, with_waveform=with_waveform,
       with_text=with_text, random_flip=random_flip, color_augmentation=color_augmentation,
       scale_jitter=scale_jitter, color_drop_prob=color_drop_prob, spec_augment=spec_augment,
-      space_to_depth=space_to_depth)
+      space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
   if customize is not None:
     customize(processor)
   if mixture_weights is None:
@@ -608,8 +610,8 @@ def make_eval_dataset(
     with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
     with_waveform: bool = False, with_text: bool = True,
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
-    space_to_depth: bool = False, input_context: Optional[tf.distribute.InputContext] = None,
-    drop_remainder: bool = False, skip_bad_records: bool = True,
+    space_to_depth: bool = False, log_mel_settings: Optional[Mapping[str, float]] = None,
+    input_context: Optional[tf.distribute.InputContext] = None, drop_remainder: bool = False, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None,
     num_parallel_reads: Optional[int] = None,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
@@ -625,7 +627,7 @@ def make_eval_dataset(
       sample_rate=sample_rate, num_audio_samples=num_audio_samples, num_captions=num_captions,
       with_video=with_video, with_audio=with_audio, with_log_mel=with_log_mel,
       with_waveform=with_waveform, with_text=with_text, keep_raw_captions=with_text,
-      space_to_depth=space_to_depth)
+      space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
   if customize is not None:
     customize(processor)
   ds = _read_examples(files=list_files(file_patterns), processor=processor, is_training=False, seed=0,

@@ -62,42 +62,28 @@ def _to_numpy(outputs: Mapping[str, object], names: Sequence[str]) -> Dict[str, 
   return out
 
 
-def image_embeddings(*, model, image_model, image) -> Dict[str, object]:
-  """before_head/va/vat of images through a deflated network and the video heads of `model`.
-
-  `image_model` either has `embed_image` (returns the three outputs) or is a deflated backbone returning
-  {"features"}; the heads are then applied as in `MMVModel.embed_video` (graph fac/shared/disjoint).
-  """
-  out = image_model(image, training=False)
-  if "va" in out:
-    return out
-  return model.project_video(out["before_head"] if "before_head" in out else out["features"], training=False)
-
-
-def _deflated_network(mmv, model, model_dir: str):
-  """The model dir's deflated image network (`mmv.load_deflated`), else a naive deflation (BN not refit)."""
-  if hasattr(mmv, "load_deflated"):
-    try:
-      return mmv.load_deflated(model_dir)
-    except (FileNotFoundError, OSError, ValueError) as e:
-      print(f"evaluate: no deflated network in {model_dir} ({e}); using naive deflation",
-            file=sys.stderr)
-  return naive_deflation(model)
+def from_model_dir(model_dir: str, *, with_images: bool = True):
+  """The family's in-process embedder of the model in `model_dir` (latest checkpoint), with its image
+  network (a saved deflated network, else one derived now) when `with_images`."""
+  from mmv_tf.families import model_dir as model_dir_lib
+  family, _, model = model_dir_lib.restore(model_dir)
+  image_model = None
+  if with_images:
+    image_model, reason = family.image_model(model_dir, model)
+    if image_model is None:
+      print(f"evaluate: no image network ({reason}); image metrics skipped", file=sys.stderr)
+  return family.embedder(model, image_model=image_model, vocabulary_path=model_dir_lib.vocabulary_path(model_dir),
+                         name=f"keras:{model_dir}")
 
 
-def naive_deflation(model):
-  """Deflated copy of the video backbone with the original BN (reference §12.4 'naive'); None if the
-  backbone cannot be deflated."""
-  try:
-    from mmv_tf.models import deflation
-    return deflation.deflate(model.video_backbone)
-  except (ImportError, TypeError, ValueError) as e:
-    print(f"evaluate: cannot deflate the video network ({e}); image metrics skipped", file=sys.stderr)
-    return None
+def _image_features(out: Mapping[str, object]):
+  """The pooled features of an image network's output (a deflated backbone calls them `features`)."""
+  return out["before_head"] if "before_head" in out else out["features"]
 
 
 class KerasEmbedder:
-  """Embeds with an in-process Keras `MMVModel` (and optionally its deflated image network)."""
+  """Embeds with an in-process Keras model that has `embed_video/embed_audio/embed_text/project_video`
+  (and optionally an image network whose pooled features go through `project_video`)."""
 
   audio_input = "log_mel"  # what `embed_batch` feeds: the pipeline's log-mel ...
   text_input = "ids"       # ... and its word ids
@@ -113,20 +99,8 @@ class KerasEmbedder:
     self._text = tf.function(lambda x: model.embed_text(x, training=False), reduce_retracing=True)
     self._image = None
     if image_model is not None:
-      self._image = tf.function(lambda x: image_embeddings(model=model, image_model=image_model, image=x),
-                                reduce_retracing=True)
-
-  @classmethod
-  def from_model_dir(cls, model_dir: str, *, with_images: bool = True) -> "KerasEmbedder":
-    from mmv_tf.models import mmv
-    restored = mmv.restore_from_model_dir(model_dir)
-    model = restored[0] if isinstance(restored, tuple) else restored
-    image_model = None
-    if with_images:
-      image_model = _deflated_network(mmv, model, model_dir)
-    vocab = os.path.join(model_dir, "vocab.txt")
-    return cls(model=model, image_model=image_model,
-               vocabulary_path=vocab if os.path.exists(vocab) else None, name=f"keras:{model_dir}")
+      self._image = tf.function(lambda x: model.project_video(_image_features(image_model(x, training=False)),
+                                                              training=False), reduce_retracing=True)
 
   @property
   def has_images(self) -> bool:

@@ -200,7 +200,7 @@ def make_embedder(*, model_dir: Optional[str] = None, saved_model: Optional[str]
   if (model_dir is None) == (saved_model is None):
     raise ValueError("give exactly one of model_dir and saved_model")
   if model_dir is not None:
-    return FE.KerasEmbedder.from_model_dir(model_dir, with_images=with_images)
+    return FE.from_model_dir(model_dir, with_images=with_images)
   return FE.SavedModelEmbedder(saved_model, preprocessing=preprocessing, vocabulary_path=vocabulary)
 
 

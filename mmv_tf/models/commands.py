@@ -5,7 +5,7 @@
 Restores the model dir's latest checkpoint, deflates the video backbone (`mmv_tf.models.deflation.deflate`),
 refits only BN gamma/beta so that image features match the video network's features on still videos (L1), prints
 the L1 gap before/after on the fitting images and on held-out images, and writes `MODEL_DIR/deflated/`
-(`deflated_config.json` + variables) that `mmv.load_deflated(model_dir)` reads for export and evaluation.
+(`deflated_config.json` + variables) that `deflation.load_deflated(model_dir)` reads for export and evaluation.
 Images: SequenceExample TFRecords (`image/encoded`, one JPEG per frame; the middle frame of each record), by
 default the synthetic data's `images-*.tfrecord` next to the training data when `--images` is not given.
 """
@@ -78,22 +78,25 @@ def deflate_model_dir(*, model_dir: str, images: str | None = None, steps: int =
   Raises ValueError when no images are found (too few to hold some out).
   """
   import tensorflow as tf
-  from mmv_tf.models import deflation, mmv
+  from mmv_tf.families import model_dir as model_dir_lib
+  from mmv_tf.models import deflation
 
-  model = mmv.restore_from_model_dir(model_dir, checkpoint=checkpoint)
+  family, _, model = model_dir_lib.restore(model_dir, checkpoint=checkpoint)
+  source = family.deflation_source(model)
+  if source is None:
+    raise ValueError(f"the {family.name} family has no video network to deflate")
+  video_model, t, crop_size = source
   pattern = images or _default_images(model_dir)
   if pattern is None:
     raise ValueError("no images: pass --images PATTERN (TFRecords with image/encoded, e.g. the synthetic "
                      "data's images-*.tfrecord)")
-  all_images = read_images(pattern=pattern, count=num_images + num_heldout, crop_size=model.crop_size)
+  all_images = read_images(pattern=pattern, count=num_images + num_heldout, crop_size=crop_size)
   if len(all_images) < 2:
     raise ValueError(f"found {len(all_images)} images in {pattern!r}; need at least 2")
   heldout = (all_images[num_images:] if len(all_images) > num_images
              else all_images[-max(1, len(all_images) // 4):])
   fit = all_images[:min(num_images, len(all_images) - len(heldout))]
-  video_model = model.video_backbone
   image_model = deflation.deflate(video_model)
-  t = model.num_frames
 
   def heldout_l1():
     return deflation.feature_l1(video_model=video_model, image_model=image_model, images=heldout, num_frames=t,
@@ -108,7 +111,7 @@ def deflate_model_dir(*, model_dir: str, images: str | None = None, steps: int =
           "l1_fit_before": fit_l1["l1_before"], "l1_fit_after": fit_l1["l1_after"],
           "l1_heldout_before": before, "l1_heldout_after": after,
           "checkpoint": checkpoint or tf.train.latest_checkpoint(model_dir)}
-  info["target"] = mmv.save_deflated(model_dir, image_model=image_model, info=info)
+  info["target"] = deflation.save_deflated(model_dir, image_model=image_model, info=info)
   return info
 
 

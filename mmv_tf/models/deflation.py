@@ -18,10 +18,15 @@ gamma/beta to minimise the L1 distance between image features and video features
 """
 from __future__ import annotations
 
+import json
+import os
+from typing import Any, Optional
+
 import numpy as np
 import keras
 import tensorflow as tf
 
+from mmv_tf.models import checkpointing
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.s3d import S3D
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
@@ -140,3 +145,68 @@ def refit_batch_norm(*, video_model, image_model, images, num_frames: int, steps
     idx = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
     step(tf.constant(images[idx]), tf.constant(video_features[idx]))
   return {"l1_before": before, "l1_after": feature_l1(**kwargs)}
+
+
+# -- the deflated network in a model dir ---------------------------------------------------------------------------
+
+DEFLATED_DIR = "deflated"
+DEFLATED_CONFIG_NAME = "deflated_config.json"
+
+
+@keras.saving.register_keras_serializable(package="mmv_tf")
+class ImageEmbedder(keras.Model):
+  """The deflated video backbone as an image model: images [B,H,W,3] in [0,1] -> {"before_head", "last_conv"}.
+
+  `before_head` is the deflated network's pooled feature (the image counterpart of the video `before_head`); the
+  family's video heads map it to `va`/`vat` (what the export's `image` signature does).
+  """
+
+  def __init__(self, *, backbone: keras.Model, **kwargs):
+    super().__init__(name=kwargs.pop("name", "image_embedder"), **kwargs)
+    self.backbone = backbone
+
+  def build(self, input_shape=None):
+    self.built = True
+
+  def call(self, images, training=False):
+    out = self.backbone(images, training=bool(training))
+    return {"before_head": tf.cast(out["features"], tf.float32), "last_conv": tf.cast(out["last_conv"], tf.float32)}
+
+
+def _backbone_classes():
+  return {"S3D": S3D, "TSMResNet": TSMResNet}
+
+
+def save_deflated(model_dir: str, *, image_model: keras.Model, info: Optional[dict[str, Any]] = None) -> str:
+  """Writes the deflated backbone to `model_dir/deflated/` atomically (config json + variables checkpoint)."""
+  classes = _backbone_classes()
+  class_name = type(image_model).__name__
+  if class_name not in classes:
+    raise TypeError(f"cannot save a deflated {class_name}; expected one of {sorted(classes)}")
+  target = os.path.join(model_dir, DEFLATED_DIR)
+  tmp = f"{target}.tmp-{os.getpid()}"
+  if tf.io.gfile.exists(tmp):
+    tf.io.gfile.rmtree(tmp)
+  tf.io.gfile.makedirs(tmp)
+  config = {"backbone_class": class_name, "backbone_config": image_model.get_config(), **(info or {})}
+  with tf.io.gfile.GFile(os.path.join(tmp, DEFLATED_CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True, default=str)
+  checkpointing.write_every_variable(image_model, os.path.join(tmp, "variables"))
+  if tf.io.gfile.exists(target):
+    tf.io.gfile.rmtree(target)
+  tf.io.gfile.rename(tmp, target)
+  return target
+
+
+def load_deflated(model_dir: str) -> ImageEmbedder:
+  """The image network written by `mmv-tf deflate` in `model_dir/deflated/` (FileNotFoundError if absent)."""
+  directory = os.path.join(model_dir, DEFLATED_DIR)
+  path = os.path.join(directory, DEFLATED_CONFIG_NAME)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{path} not found: run `mmv-tf deflate --model_dir {model_dir}` first")
+  with tf.io.gfile.GFile(path) as f:
+    config = json.load(f)
+  backbone = _backbone_classes()[config["backbone_class"]].from_config(config["backbone_config"])
+  backbone(tf.zeros([1, 64, 64, 3]), training=False)
+  checkpointing.restore_written_variables(backbone, os.path.join(directory, "variables"), what="its config")
+  return ImageEmbedder(backbone=backbone)

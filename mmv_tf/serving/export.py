@@ -28,17 +28,16 @@ import time
 import uuid
 from typing import Any, Dict, Optional, Sequence, Union
 
-from mmv_tf.serving import ops_allowlist, signatures as sigs_lib, warmup as warmup_lib
+from mmv_tf.serving import ops_allowlist, warmup as warmup_lib
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-export-"
 LOCK_NAME = ".export.lock"
 EXPORT_INFO = "mmv_export.json"
-MODEL_CONFIG = "model_config.json"  # = mmv.MODEL_CONFIG_NAME, inside assets.extra/
+MODEL_CONFIG = "model_config.json"  # = families.MODEL_CONFIG_NAME, inside assets.extra/
 VOCAB_ASSET = "vocab.txt"
 ASSETS_DIR = "assets"
-DEFLATED_DIR = "deflated"
 
 
 def existing_versions(export_base: str) -> list[int]:
@@ -138,20 +137,6 @@ def _asset_tokenizer(*, vocabulary: Union[str, Sequence[str]], max_tokens: int, 
   return tokenizer
 
 
-def model_config_of(model) -> Optional[Dict[str, Any]]:
-  """The completed MMV config of `model` (`MMVModel.get_config()`), or None for other embedders."""
-  get_config = getattr(model, "get_config", None)
-  if get_config is None:
-    return None
-  try:
-    config = get_config()
-  except (NotImplementedError, TypeError, ValueError):
-    return None
-  if not isinstance(config, dict) or not isinstance(config.get("preprocessing"), dict):
-    return None
-  return json.loads(json.dumps(config, default=str))
-
-
 def _vocabulary_asset(path: str) -> Optional[str]:
   """The vocabulary's path relative to the version dir (`assets/vocab.txt`), or None if there is none."""
   import tensorflow as tf
@@ -164,73 +149,69 @@ def _vocabulary_asset(path: str) -> Optional[str]:
   return f"{ASSETS_DIR}/{names[0]}" if names else None
 
 
-def write_saved_model(*, model, path: str, vocabulary=None, image_model=None, warmup: bool = True,
+def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_model=None, warmup: bool = True,
                       model_name: str = "mmv", extra_info: Optional[Dict[str, Any]] = None,
                       model_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-  """Writes the SavedModel (all signatures, warmup, export info, model config) into `path` (not atomic
-  by itself).
-
-  `model_config` (default: `model.get_config()` of an `MMVModel`) goes to `assets.extra/model_config.json`.
-  """
+  """Writes the SavedModel (the family's signatures, warmup, export info, model config) into `path` (not
+  atomic by itself). `family` defaults to the model's (`registry.family_of`), `model_config` to
+  `model.get_config()`; the config goes to `assets.extra/model_config.json` as a model dir stores it."""
   import keras
   import tensorflow as tf
+  from mmv_tf.families import model_dir as model_dir_lib, registry
 
-  cfg = sigs_lib.resolved_preprocessing(model.preprocessing_config)
+  family = family or registry.family_of(model)
+  model_config = family.complete_config(model_config if model_config is not None else model.get_config())
+  preprocessing = family.preprocessing(model_config)
   with tempfile.TemporaryDirectory(prefix="mmv-export-vocab-") as workdir:
     tokenizer = None
     if vocabulary is not None:
-      tokenizer = _asset_tokenizer(vocabulary=vocabulary, max_tokens=int(cfg["max_tokens"]), workdir=workdir)
-    signatures = sigs_lib.build_signatures(model=model, tokenizer=tokenizer, image_model=image_model)
+      tokenizer = _asset_tokenizer(vocabulary=vocabulary, max_tokens=int(preprocessing["max_tokens"]),
+                                   workdir=workdir)
+    signatures = family.signatures(model, tokenizer=tokenizer, image_model=image_model)
     archive = keras.export.ExportArchive()
     # Variables are collected from the traced endpoints; only non-variable resources (the vocabulary
     # table) need `track`. Tracking the Keras model itself would make ExportArchive walk (and re-trace)
     # every layer: 3-4x slower for the same SavedModel.
     if tokenizer is not None:
       archive.track(tokenizer)
-    for sig in signatures.values():  # "video" first -> serving_default
+    for sig in signatures.values():  # the first one becomes serving_default
       archive.add_endpoint(name=sig.name, fn=sig.fn, input_signature=[sig.input_spec])
     archive.write_out(path, verbose=False)
 
-  if model_config is None:
-    model_config = model_config_of(model)
   vocabulary_asset = _vocabulary_asset(path) if tokenizer is not None else None
   if tokenizer is not None and vocabulary_asset is None:
     raise RuntimeError(f"the vocabulary asset is missing from {path}/{ASSETS_DIR}/ after writing the SavedModel")
   info = {
       "format": "mmv_tf SavedModel",
+      "family": family.name,
       "model_name": model_name,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "tensorflow": tf.__version__,
       "keras": keras.__version__,
-      "preprocessing": cfg,
+      "preprocessing": preprocessing,
       "signatures": {
           s.name: {"input": {"name": s.input_spec.name, "dtype": s.input_spec.dtype.name,
                              "shape": [-1 if d is None else d for d in s.input_spec.shape.as_list()]},
                    "outputs": list(s.outputs), "doc": s.doc}
           for s in signatures.values()},
-      "serving_default": "video",
+      "serving_default": next(iter(signatures)),
+      # Which output to compare two modalities in (what `mmv-tf query` reads).
+      "embedding_spaces": {"+".join(sorted(pair)): space for pair, space in family.embedding_spaces.items()},
       # Paths relative to the version dir (what evaluation reads; TF Serving ignores assets.extra/).
       "vocabulary": vocabulary_asset,
-      "model_config_file": f"{warmup_lib.WARMUP_DIR}/{MODEL_CONFIG}" if model_config is not None else None,
+      "model_config_file": f"{warmup_lib.WARMUP_DIR}/{MODEL_CONFIG}",
   }
   info.update(extra_info or {})
-  tf.io.gfile.makedirs(os.path.join(path, warmup_lib.WARMUP_DIR))
-  with tf.io.gfile.GFile(os.path.join(path, warmup_lib.WARMUP_DIR, EXPORT_INFO), "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True, default=str)
-  if model_config is not None:
-    # The completed config exactly as a model dir stores it (mmv.save_model_config's format).
-    with tf.io.gfile.GFile(os.path.join(path, warmup_lib.WARMUP_DIR, MODEL_CONFIG), "w") as f:
-      json.dump(model_config, f, indent=2, sort_keys=True)
-  else:
-    log.warning("no model config for %s (not an MMVModel): evaluating this export will need explicit "
-                "preprocessing settings", type(model).__name__)
+  extra = os.path.join(path, warmup_lib.WARMUP_DIR)
+  model_dir_lib.write_json_atomically(os.path.join(extra, EXPORT_INFO), info)
+  model_dir_lib.save_config(extra, family=family, config=model_config)
   if warmup:
-    requests = warmup_lib.example_inputs(preprocessing_config=cfg, signatures=list(signatures))
-    warmup_lib.write_warmup_requests(version_dir=path, model_name=model_name, requests=requests)
+    warmup_lib.write_warmup_requests(version_dir=path, model_name=model_name,
+                                     requests=warmup_lib.example_requests(signatures.values()))
   return info
 
 
-def export_saved_model(*, model, export_base: str, version: Optional[int] = None,
+def export_saved_model(*, model, export_base: str, family=None, version: Optional[int] = None,
                        vocabulary: Union[str, Sequence[str], None] = None, image_model=None,
                        warmup: bool = True, model_name: str = "mmv", check_ops: bool = True,
                        extra_info: Optional[Dict[str, Any]] = None,
@@ -238,8 +219,7 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
   """Exports `model` to `export_base/<version>` atomically; returns the version directory.
 
   Args:
-    model: an `MMVModel` (or anything with `embed_video/embed_audio/embed_text` and
-      `preprocessing_config`).
+    model: a model of a registered family (`family`, default: the model's own, `registry.family_of`).
     export_base: the model's base path (what `--model_base_path` / `base_path` point at).
     version: integer version; default: one more than the newest existing one. Never overwrites.
     vocabulary: vocabulary file path or token list; without it there is no `text` signature.
@@ -247,8 +227,8 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
       `image` / `image_bytes` signatures.
     warmup: write `assets.extra/tf_serving_warmup_requests` (one PredictionLog per signature).
     check_ops: fail (and leave no version) if a graph uses an op stock TF Serving does not link.
-    model_config: the completed model config written to `assets.extra/model_config.json` (default:
-      `model.get_config()` of an `MMVModel`); evaluation reads preprocessing settings from it.
+    model_config: the model config written to `assets.extra/model_config.json` (default:
+      `model.get_config()`); evaluation reads preprocessing settings from it.
   """
   import tensorflow as tf
 
@@ -261,7 +241,7 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
                           "(omit --version to export the next one)")
   tmp = os.path.join(export_base, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
-    write_saved_model(model=model, path=tmp, vocabulary=vocabulary, image_model=image_model,
+    write_saved_model(model=model, path=tmp, family=family, vocabulary=vocabulary, image_model=image_model,
                       warmup=warmup, model_name=model_name, extra_info=extra_info,
                       model_config=model_config)
     if check_ops:
@@ -280,47 +260,24 @@ def export_saved_model(*, model, export_base: str, version: Optional[int] = None
   return target
 
 
-def load_image_model(model_dir: str, *, model=None):
-  """(deflated image network, None) for `model_dir`, or (None, reason it is missing).
-
-  Prefers a deflated network saved by `mmv-tf deflate` (`mmv.load_deflated(model_dir)`, BN refit);
-  otherwise deflates `model.video_backbone` here (`deflation.deflate`, no BN refit).
-  """
-  from mmv_tf.models import deflation, mmv
-  try:
-    return mmv.load_deflated(model_dir), None
-  except (FileNotFoundError, OSError, ValueError) as e:
-    log.info("no deflated network saved in %s (%s)", model_dir, e)
-  if model is None:
-    return None, f"no deflated network in {model_dir} and no model to deflate"
-  try:
-    image_model = deflation.deflate(model.video_backbone)
-  except (TypeError, ValueError) as e:
-    return None, f"cannot deflate {type(model.video_backbone).__name__}: {e}"
-  log.warning("no deflated network in %s: deflating the video backbone now without BN refit "
-              "(run `mmv-tf deflate` first for better image embeddings)", model_dir)
-  return image_model, None
-
-
 def export_from_model_dir(*, model_dir: str, export_base: str, version: Optional[int] = None,
                           warmup: bool = True, model_name: str = "mmv", checkpoint: Optional[str] = None,
-                          image_signatures: bool = True) -> str:
+                          image_signatures: bool = True, family: Optional[str] = None) -> str:
   """Restores the latest checkpoint of `model_dir` and exports it (vocabulary `model_dir/vocab.txt`)."""
   import tensorflow as tf
-  from mmv_tf.models import mmv
+  from mmv_tf.families import model_dir as model_dir_lib
 
-  model = mmv.restore_from_model_dir(model_dir, checkpoint=checkpoint)
-  model_config = mmv.load_model_config(model_dir)
-  vocab = os.path.join(model_dir, VOCAB_ASSET)
-  vocabulary = vocab if tf.io.gfile.exists(vocab) else None
+  fam, model_config, model = model_dir_lib.restore(model_dir, checkpoint=checkpoint, family=family)
+  vocabulary = model_dir_lib.vocabulary_path(model_dir)
   if vocabulary is None:
-    log.warning("%s not found: exporting without the `text` signature (text_ids is still there)", vocab)
-  image_model, reason = (None, "disabled") if not image_signatures else load_image_model(model_dir, model=model)
+    log.warning("%s has no %s: exporting without the `text` signature", model_dir, model_dir_lib.VOCAB_NAME)
+  image_model, reason = (None, "disabled") if not image_signatures else fam.image_model(model_dir, model)
   if image_model is None:
     log.warning("exporting without the `image` / `image_bytes` signatures: %s", reason)
   ckpt = checkpoint or tf.train.latest_checkpoint(model_dir)
-  return export_saved_model(model=model, export_base=export_base, version=version, vocabulary=vocabulary,
-                            image_model=image_model, warmup=warmup, model_name=model_name,
-                            model_config=model_config, extra_info={"model_dir": model_dir, "checkpoint": ckpt, "model_config": model_config,
+  return export_saved_model(model=model, family=fam, export_base=export_base, version=version,
+                            vocabulary=vocabulary, image_model=image_model, warmup=warmup, model_name=model_name,
+                            model_config=model_config,
+                            extra_info={"model_dir": model_dir, "checkpoint": ckpt, "model_config": model_config,
                                         "image_signatures": image_model is not None,
                                         "image_signatures_missing_reason": reason})

@@ -48,7 +48,7 @@ def tiny_model_dir(root: str):
   import keras
   import tensorflow as tf
   from mmv_tf.data import text as text_lib
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   keras.utils.set_random_seed(0)
   model_dir = os.path.join(root, "model")
   config = mmv.tiny_mmv_config(len(VOCABULARY))

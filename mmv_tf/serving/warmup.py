@@ -21,7 +21,7 @@ def warmup_path(version_dir: str) -> str:
   return os.path.join(version_dir, WARMUP_DIR, WARMUP_FILENAME)
 
 
-def _synthetic_jpeg(*, size: int, rng: np.random.Generator) -> bytes:
+def synthetic_jpeg(*, size: int, rng: np.random.Generator) -> bytes:
   from PIL import Image
   pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
   buf = io.BytesIO()
@@ -29,25 +29,9 @@ def _synthetic_jpeg(*, size: int, rng: np.random.Generator) -> bytes:
   return buf.getvalue()
 
 
-def example_inputs(*, preprocessing_config: Mapping, signatures, seed: int = 0
-                   ) -> Dict[str, Dict[str, np.ndarray]]:
-  """Representative batch-1 inputs for each of `signatures` (names from signatures.SIGNATURES)."""
-  from mmv_tf.serving import signatures as sigs
-  cfg = sigs.resolved_preprocessing(preprocessing_config)
-  rng = np.random.default_rng(seed)
-  t, s = cfg["num_frames"], cfg["crop_size"]
-  examples = {
-      "video": {"video": rng.uniform(size=(1, t, s, s, 3)).astype(np.float32)},
-      "audio": {"audio": rng.uniform(-0.5, 0.5, size=(1, cfg["num_audio_samples"])).astype(np.float32)},
-      "audio_spectrogram": {"log_mel": rng.normal(size=(1, cfg["num_spectrogram_frames"],
-                                                        cfg["num_mel_bins"], 1)).astype(np.float32)},
-      "text": {"text": np.array([b"a person is playing the guitar"], dtype=object)},
-      "text_ids": {"word_ids": np.zeros((1, cfg["max_tokens"]), np.int32)},
-      "image": {"image": rng.uniform(size=(1, s, s, 3)).astype(np.float32)},
-      "image_bytes": {"image_bytes": np.array([_synthetic_jpeg(size=s, rng=rng)], dtype=object)},
-  }
-  examples["text_ids"]["word_ids"][0, :3] = [min(4, cfg.get("vocab_size", 5) - 1), 3, 0]
-  return {name: examples[name] for name in signatures}
+def example_requests(signatures) -> Dict[str, Dict[str, np.ndarray]]:
+  """{signature name: {input name: batch-1 example}} for every `Signature` that has an example."""
+  return {sig.name: {sig.input_spec.name: sig.example} for sig in signatures if sig.example is not None}
 
 
 def make_predict_log(*, model_name: str, signature_name: str, inputs: Mapping[str, np.ndarray]):

@@ -4,8 +4,9 @@
     mmv-tf train --model_dir gs://B/run --gin_file mmv/s3d_fac.gin --strategy tpu --tpu NAME \
         --gin_param "train.train_files = [['gs://B/howto100m/train-*'], ['gs://B/audioset/train-*']]"
 
-gin configures `train` (= `mmv_tf.training.trainer.train`, every keyword except model_dir and strategy)
-and `tiny_mmv_config` / `mmv_model_config` for the model. Re-running the same command resumes from
+gin configures `train` (= `mmv_tf.training.trainer.train`, every keyword except model_dir and strategy,
+`train.family` included) and each family's model configurables (e.g. `tiny_mmv_config` /
+`mmv_model_config`, registered by the family: docs/families.md). Re-running the same command resumes from
 the latest checkpoint in --model_dir. Exit status 0 also after a SIGTERM (checkpoint written).
 """
 from __future__ import annotations
@@ -25,17 +26,11 @@ def register_configurables() -> None:
   if _REGISTERED:
     return
   import gin
-  from mmv_tf.models import mmv
+  from mmv_tf import families
   from mmv_tf.training import trainer
   gin.external_configurable(trainer.train, name="train", denylist=["model_dir", "strategy", "tpu"])
-  gin.external_configurable(mmv.tiny_mmv_config, name="tiny_mmv_config")
-
-  @gin.configurable("mmv_model_config")
-  def mmv_model_config(**config):
-    """A full MMV model config dict: bind its keys (video_backbone, graph, preprocessing, ...)."""
-    return mmv.complete_config(config)
-
-  del mmv_model_config
+  for name in families.names():
+    families.get(name).register_gin()
   _REGISTERED = True
 
 
@@ -47,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data_dir", default=None,
                       help="a folder of `make-synthetic`/`make-dataset` shards: sets "
                       "train.train_files = DATA_DIR/train-*.tfrecord")
+  parser.add_argument("--family", default=None,
+                      help="model family (sets train.family; the gin files of a family set it already)")
   gin_utils.add_gin_arguments(parser)
 
 
@@ -60,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
   params = list(args.gin_param)
   if args.data_dir:
     params.append(f"train.train_files = '{os.path.join(args.data_dir, 'train-*.tfrecord')}'")
+  if args.family:
+    params.append(f"train.family = '{args.family}'")
   gin_utils.parse_gin(list(args.gin_file), params)
   chief = checkpointing.is_chief(strategy)
   if chief:  # the full config, in case the run dies early; replaced by the operative config below

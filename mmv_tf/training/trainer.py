@@ -1,10 +1,13 @@
 """Contrastive pretraining: one custom loop under any tf.distribute strategy (not `model.fit`, which fails
 under MultiWorkerMirroredStrategy with Keras 3).
 
-`train(...)` is generic over three narrow extension points, with MMV defaults:
-  model_builder(**model_config) -> keras.Model whose call(batch, training) returns the MMVModel dict
+`train(...)` trains a model of any registered family (`mmv_tf.families`; docs/families.md): the family
+builds the model, its training data, its loss and metrics from one config. Each piece can also be
+passed directly (tests, custom runs):
+  model_builder(**model_config) -> keras.Model; call(batch, training) returns what loss_fn reads
   dataset_fn(*, input_context, batch_size) -> tf.data.Dataset of per-replica batches (static shapes)
-  loss_fn(outputs, batch) -> (per-replica loss, {term: per-replica value})   (see `mmv_tf.losses`)
+  loss_fn(outputs, batch) -> (per-replica loss, {term: per-replica value})
+  metrics_fn(outputs, batch) -> {name: per-replica share}
 
 One step (`_StepFunctions`):
   replica:  forward + backward (XLA-compiled when there is one replica) → all-reduce gradients and metrics
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -35,8 +37,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from mmv_tf import losses as losses_lib
-from mmv_tf.data import features, pipeline
+from mmv_tf.data import pipeline
+from mmv_tf.families import model_dir as model_dir_lib
 from mmv_tf.training import checkpointing, optimizers, schedules
 from mmv_tf.training import strategy as strategy_lib
 from mmv_tf.training.summaries import SummaryLogger
@@ -44,7 +46,6 @@ from mmv_tf.training.summaries import SummaryLogger
 NAN_POLICIES = ("stop", "skip")
 MIXED_PRECISION_POLICIES = ("mixed_bfloat16", "mixed_float16")
 _BAD_RECORDS_KEY = "_bad_records"  # internal: all-reduced with the metrics, then removed
-VOCAB_NAME = "vocab.txt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,7 +88,7 @@ def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[
   """The vocabulary of a run: the model dir's vocab.txt (resume), else `vocabulary` (a file or a
   list), else one built from the training captions with the tokenizer's normalisation."""
   from mmv_tf.data import text
-  existing = os.path.join(model_dir, VOCAB_NAME)
+  existing = os.path.join(model_dir, model_dir_lib.VOCAB_NAME)
   if tf.io.gfile.exists(existing):
     return text.read_vocabulary(existing)
   if isinstance(vocabulary, str):
@@ -99,29 +100,7 @@ def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[
   return text.build_vocabulary(captions=captions_from_records(train_files), max_size=max_vocab_size)
 
 
-def _pretraining_dataset_fn(*, train_files, vocab: List[str], model_config: Mapping[str, Any],
-                            data_config: Mapping[str, Any], seed: Optional[int]):
-  """`dataset_fn` for `make_pretraining_dataset`; shapes follow the model's preprocessing config."""
-  pre = model_config.get("preprocessing", {})
-  kwargs = dict(num_frames=pre.get("num_frames", 32), stride=pre.get("stride", 1), crop_size=pre.get("crop_size", 200),
-                min_resize=pre.get("min_resize", 224), max_tokens=pre.get("max_tokens", 16),
-                sample_rate=pre.get("sample_rate", 48000))
-  kwargs.update(data_config)
-  return functools.partial(pipeline.make_pretraining_dataset, file_patterns=train_files,
-                           vocabulary=vocab, seed=seed, **kwargs)
-
-
 # ---- the step -----------------------------------------------------------------------------------------
-
-def _embedding_norms(outputs) -> Dict[str, tf.Tensor]:
-  out = {}
-  for tower, heads in outputs.items():
-    for head in ("va", "vat"):
-      if head in heads:
-        out[f"embedding_norm/{tower}_{head}"] = tf.reduce_mean(
-            tf.norm(tf.cast(heads[head], tf.float32), axis=-1))
-  return out
-
 
 class _StepFunctions:
   """Builds the distributed train step (see the module docstring)."""
@@ -149,7 +128,6 @@ class _StepFunctions:
     # Every metric is a per-replica share: summing over replicas gives the global value.
     metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}}
     metrics.update(self.metrics_fn(outputs, batch) if self.metrics_fn else {})
-    metrics.update({k: v / float(n) for k, v in _embedding_norms(outputs).items()})
     return grads, metrics
 
   def _replica_step(self, batch, stop_request):
@@ -249,16 +227,15 @@ class _StopRequest:
 
 # ---- train() ------------------------------------------------------------------------------------------
 
-def train(*, model_dir: str, steps: int, batch_size: int,
+def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] = None,
           model_config: Optional[Mapping[str, Any]] = None,
+          loss_config: Optional[Mapping[str, Any]] = None,
           train_files: Union[None, str, Sequence] = None,
           data_config: Optional[Mapping[str, Any]] = None,
           vocabulary: Union[None, str, Sequence[str]] = None, max_vocab_size: Optional[int] = None,
           optimizer: str = "adam", learning_rate: float = 2e-3, schedule: str = "warmup_cosine",
           warmup_steps: int = 0, end_learning_rate: float = 0.0, weight_decay: float = 0.0,
           momentum: float = 0.9, clip_grad_norm: Optional[float] = None,
-          temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0,
-          loss_direction: str = "symmetric",
           strategy: Union[None, str, tf.distribute.Strategy] = None, tpu: Optional[str] = None,
           mixed_precision: Optional[str] = None, initial_loss_scale: float = 2.0 ** 15,
           jit_compile: Optional[bool] = None,
@@ -273,15 +250,19 @@ def train(*, model_dir: str, steps: int, batch_size: int,
   """Trains (or resumes training) until the global step reaches `steps`; see docs/training.md.
 
   Args (the main ones):
-    model_dir: checkpoints, model_config.json, vocab.txt, train/ summaries. Resumes from its latest
-      checkpoint with the exact step, learning rate, optimizer slots and input position.
+    model_dir: checkpoints, model_config.json (family + config), vocab.txt, train/ summaries. Resumes
+      from its latest checkpoint with the exact step, learning rate, optimizer slots and input position.
     steps: total steps (counting those of earlier runs). batch_size: global batch size.
-    model_config: MMV config (`mmv_tf.models.mmv`); `vocab_size` None/0 = size of the vocabulary.
-    train_files / data_config: TFRecord patterns and extra `make_pretraining_dataset` kwargs.
+    family: the model family's name (`mmv_tf.families.names()`); default: the one model_dir records.
+    model_config: the family's config (its `preprocessing` is the only source of data settings); the
+      family's vocabulary-size key (e.g. MMV's `vocab_size`) None/0 = size of the vocabulary.
+    loss_config: keyword arguments of the family's `make_loss` / `make_metrics` (MMV: temperature,
+      va_weight, vt_weight, direction).
+    train_files / data_config: TFRecord patterns and the family's data options (shuffle buffer,
+      augmentations, number of captions, mixture weights...; not the preprocessing settings).
     optimizer, learning_rate, schedule, warmup_steps, end_learning_rate, weight_decay, momentum,
       clip_grad_norm: see `optimizers.make_optimizer` and `schedules.make_schedule`; clipping is by
       the global norm of the global gradient.
-    temperature, va_weight, vt_weight, loss_direction: `losses.mmv_loss`.
     strategy: a Strategy or a name for `make_strategy` (default: the current strategy).
     mixed_precision: None (float32), "mixed_bfloat16" or "mixed_float16": the Keras global dtype
       policy while the model is built and trained (float32 variables, bfloat16/float16 compute;
@@ -312,37 +293,35 @@ def train(*, model_dir: str, steps: int, batch_size: int,
   chief = checkpointing.is_chief(strategy)
   tf.io.gfile.makedirs(model_dir)
 
-  # Model config, vocabulary and data: MMV defaults unless the caller brings its own pieces.
   model_config = dict(model_config or {})
+  loss_config = dict(loss_config or {})
+  fam = None
+  if model_builder is None or dataset_fn is None or loss_fn is None:
+    fam = model_dir_lib.resolve_family(family=family, model_dir=model_dir)
   vocab = None
-  if model_builder is None or dataset_fn is None:
-    from mmv_tf.data import text
-    from mmv_tf.models import mmv
+  if fam is not None and fam.vocabulary_size_key and (model_builder is None or dataset_fn is None):
     vocab = resolve_vocabulary(model_dir=model_dir, vocabulary=vocabulary, train_files=train_files,
                                max_vocab_size=max_vocab_size)
-    if not model_config.get("vocab_size"):
-      model_config["vocab_size"] = len(vocab)
-    elif model_config["vocab_size"] != len(vocab):
-      raise ValueError(f"model_config vocab_size {model_config['vocab_size']} != {len(vocab)} tokens "
-                       "in the vocabulary")
+    model_config = _with_vocabulary_size(model_config, fam.vocabulary_size_key, len(vocab))
   if model_builder is None:
-    model_config = mmv.complete_config(model_config)
-    _check_same_config(model_dir, model_config)
-    model_builder = mmv.build_mmv_model
+    model_config = fam.complete_config(model_config)
+    _check_same_config(model_dir, fam, model_config)
+    model_builder = lambda **config: fam.build_model(config)
     if chief:
-      mmv.save_model_config(model_dir, model_config)
+      model_dir_lib.save_config(model_dir, family=fam, config=model_config)
   if vocab is not None and chief:
-    text.write_vocabulary(os.path.join(model_dir, VOCAB_NAME), vocab)
+    from mmv_tf.data import text
+    text.write_vocabulary(os.path.join(model_dir, model_dir_lib.VOCAB_NAME), vocab)
   if dataset_fn is None:
     if train_files is None:
       raise ValueError("pass `train_files` (TFRecord patterns) or a `dataset_fn`")
-    dataset_fn = _pretraining_dataset_fn(train_files=train_files, vocab=vocab, model_config=model_config,
-                                         data_config=dict(data_config or {}), seed=seed)
-  loss_fn = loss_fn or functools.partial(losses_lib.mmv_loss, temperature=temperature,
-                                         va_weight=va_weight, vt_weight=vt_weight,
-                                         direction=loss_direction)
-  if metrics_fn is None and loss_fn is not None:
-    metrics_fn = _default_metrics_fn(va_weight=va_weight, vt_weight=vt_weight)
+    # A custom model_builder may take a partial config: the data settings are the completed config's.
+    dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
+                                      vocabulary=vocab, seed=seed, options=dict(data_config or {}))
+  if loss_fn is None:
+    loss_fn = fam.make_loss(model_config, **loss_config)
+    if metrics_fn is None:
+      metrics_fn = fam.make_metrics(model_config, **loss_config)
 
   previous_policy = keras.mixed_precision.global_policy()
   # None means float32 even when the caller's global policy is a mixed one (float16 compute without
@@ -370,12 +349,13 @@ def _default_jit(replicas: int) -> bool:
   return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
 
 
-def _default_metrics_fn(*, va_weight, vt_weight):
-  def metrics_fn(outputs, batch):
-    if not (va_weight and vt_weight) or features.TEXT_MASK not in batch:
-      return {}
-    return {f"retrieval/{k}": v for k, v in losses_lib.in_batch_retrieval_accuracy(outputs, batch).items()}
-  return metrics_fn
+def _with_vocabulary_size(config: Dict[str, Any], key: str, size: int) -> Dict[str, Any]:
+  """`config` with `key` = the vocabulary's size (when unset), or an error when it says otherwise."""
+  if not config.get(key):
+    return dict(config, **{key: size})
+  if config[key] != size:
+    raise ValueError(f"model_config {key} {config[key]} != {size} tokens in the vocabulary")
+  return config
 
 
 def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool):
@@ -409,14 +389,13 @@ def _iterator_is_saveable(iterator, model_dir: str) -> bool:
       tf.io.gfile.rmtree(probe)
 
 
-def _check_same_config(model_dir: str, config: Mapping[str, Any]) -> None:
-  path = os.path.join(model_dir, "model_config.json")
-  if tf.io.gfile.exists(path) and tf.train.latest_checkpoint(model_dir):
-    with tf.io.gfile.GFile(path) as f:
-      saved = json.load(f)
-    if saved != config:
-      raise ValueError(f"{model_dir} holds checkpoints of a different model config ({path}); use a new "
-                       "model_dir or the same config to resume")
+def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> None:
+  if not tf.train.latest_checkpoint(model_dir) or model_dir_lib.recorded_family(model_dir) is None:
+    return
+  _, saved = model_dir_lib.load_config(model_dir)
+  if saved != config:
+    raise ValueError(f"{model_dir} holds checkpoints of a different model config "
+                     f"({model_dir_lib.config_path(model_dir)}); use a new model_dir or the same config to resume")
 
 
 def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_config, dataset_fn,

@@ -1,4 +1,5 @@
-"""MMV: video, audio and text towers with shared / disjoint / FAC projection heads (reference §3, §9).
+"""MMV: video, audio and text towers with shared / disjoint / FAC projection heads (Alayrac et al. 2020, §3;
+docs/models.md).
 
 ```python
 model = build_mmv_model(**model_config)       # a built MMVModel; model.get_config() == the completed config
@@ -45,9 +46,9 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
+from mmv_tf.models import checkpointing
 from mmv_tf.models.heads import EmbeddingHead
 
-MODEL_CONFIG_NAME = "model_config.json"
 VIDEO_BACKBONES = ("s3d", "tsm_resnet50", "tsm_resnet50x2")
 GRAPHS = ("fac", "shared", "disjoint")
 
@@ -135,33 +136,11 @@ def _f32(x):
   return tf.cast(x, tf.float32)
 
 
-def checkpoint_key(variable) -> str:
-  """The object name of a model variable under `model/variables_by_path/` (its Keras path, `/` kept)."""
-  return variable.path
-
-
-def _escaped(name: str) -> str:
-  return name.replace(".", "..").replace("/", ".S")  # TF's escaping of object names in checkpoint keys
-
-
-class _VariablesByPath(tf.__internal__.tracking.Trackable):
-  """Checkpoint view of a Keras model: one child per variable, keyed by the variable's path.
-
-  Keras 3 keeps sublayers held in Python lists (backbone blocks, S3D endpoints, head MLPs) in its own tracker
-  only; TF's object-based checkpointing does not see them, so `tf.train.Checkpoint(model=model)` alone would
-  silently save a fraction of the weights. Paths are deterministic (every layer is named explicitly).
-  """
-
-  def __init__(self, model):
-    self._model = model  # a plain Trackable: attributes are not dependencies
-
-  def _trackable_children(self, save_type="checkpoint", **kwargs):
-    return {checkpoint_key(v): v for v in self._model.variables}
-
-
 @keras.saving.register_keras_serializable(package="mmv_tf")
-class MMVModel(keras.Model):
+class MMVModel(checkpointing.SavesEveryVariable, keras.Model):
   """Video/audio/text towers + the embedding graph; see the module docstring. Build with `build_mmv_model`."""
+
+  family_name = "mmv"
 
   def __init__(self, **model_config):
     model_config.pop("name", None)
@@ -200,16 +179,6 @@ class MMVModel(keras.Model):
       if c["keep_unused_heads"]:
         self.txt2audio_embd = head("txt2audio_embd", c["at_dim"])
 
-  def _trackable_children(self, save_type="checkpoint", **kwargs):
-    children = super()._trackable_children(save_type, **kwargs)
-    if save_type == "checkpoint":
-      view = self.__dict__.get("_variables_by_path")
-      if view is None:  # one instance: the checkpoint graph is keyed by object identity
-        view = _VariablesByPath(self)
-        object.__setattr__(self, "_variables_by_path", view)  # not a Keras/TF-tracked attribute
-      children["variables_by_path"] = view
-    return children
-
   # -- configuration ---------------------------------------------------------------------------------------------
 
   @property
@@ -236,8 +205,9 @@ class MMVModel(keras.Model):
     return self._model_config["preprocessing"]["crop_size"]
 
   @property
-  def audio_sample_rate(self) -> int:
-    return self._model_config["preprocessing"]["sample_rate"]
+  def needs_static_frames(self) -> bool:
+    """TSM's temporal shift needs T = num_frames at every call."""
+    return self._model_config["video_backbone"] != "s3d"
 
   @property
   def max_tokens(self) -> int:
@@ -266,12 +236,6 @@ class MMVModel(keras.Model):
     else:
       vat = self.vid2txt_embd(features, training=training)
     return {"before_head": _f32(features), "va": _f32(va), "vat": _f32(vat)}
-
-  def embed_image(self, images, *, image_model, training=False) -> dict[str, tf.Tensor]:
-    """images [B,H,W,3] in [0,1] through a deflated video backbone (or `load_deflated`'s ImageEmbedder), then
-    the video heads -> before_head, va, vat."""
-    out = image_model(images, training=bool(training))
-    return self.project_video(out["before_head"] if "before_head" in out else out["features"], training=training)
 
   def embed_audio(self, log_mel, training=False) -> dict[str, tf.Tensor]:
     """log_mel float32 [B,F,80,1] -> last_conv [B,F/32,3,2048], va [B,va_dim], vat."""
@@ -390,113 +354,18 @@ def tiny_mmv_config(vocab_size: int, *, graph: str = "fac", video_backbone: str 
 # -- model dirs ----------------------------------------------------------------------------------------------------
 
 def save_model_config(model_dir: str, config: dict[str, Any]) -> str:
-  """Writes `model_dir/model_config.json` atomically (the completed config); returns its path."""
-  config = complete_config(config)
-  tf.io.gfile.makedirs(model_dir)
-  path = os.path.join(model_dir, MODEL_CONFIG_NAME)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  """Writes `model_dir/model_config.json` atomically (the completed config, family "mmv"); returns its path."""
+  from mmv_tf.families import model_dir as model_dir_lib, registry
+  return model_dir_lib.save_config(model_dir, family=registry.get("mmv"), config=config)
 
 
 def load_model_config(model_dir: str) -> dict[str, Any]:
-  path = os.path.join(model_dir, MODEL_CONFIG_NAME)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: {model_dir!r} is not an MMV model dir (train or import first)")
-  with tf.io.gfile.GFile(path) as f:
-    return complete_config(json.load(f))
+  """The completed config of an MMV model dir (or an export's `assets.extra`)."""
+  from mmv_tf.families import model_dir as model_dir_lib
+  return model_dir_lib.load_config(model_dir, family="mmv")[1]
 
 
 def restore_from_model_dir(model_dir: str, *, checkpoint: Optional[str] = None) -> MMVModel:
-  """Rebuilds the model from `model_config.json` and restores `checkpoint` (default: the latest in model_dir).
-
-  Checkpoints are `tf.train.Checkpoint(model=model, ...)` (optimizer and step entries are ignored).
-  """
-  model = build_mmv_model(**load_model_config(model_dir))
-  path = checkpoint or tf.train.latest_checkpoint(model_dir)
-  if path is None:
-    raise FileNotFoundError(f"no checkpoint in {model_dir!r} (expected ckpt-* files written by `mmv-tf train`)")
-  # Every variable of the rebuilt model must be in the checkpoint: a config/checkpoint mismatch fails here.
-  stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-  missing = [v.path for v in model.variables
-             if f"model/variables_by_path/{_escaped(checkpoint_key(v))}/.ATTRIBUTES/VARIABLE_VALUE" not in stored]
-  if missing:
-    raise ValueError(f"checkpoint {path} does not match {MODEL_CONFIG_NAME} of {model_dir!r}: {len(missing)} of "
-                     f"{len(model.variables)} variables are missing, e.g. {missing[:5]}")
-  tf.train.Checkpoint(model=model).restore(path).expect_partial()
-  return model
-
-
-# -- deflated image network ----------------------------------------------------------------------------------------
-
-DEFLATED_DIR = "deflated"
-DEFLATED_CONFIG_NAME = "deflated_config.json"
-
-
-@keras.saving.register_keras_serializable(package="mmv_tf")
-class ImageEmbedder(keras.Model):
-  """The deflated video backbone as an image model: images [B,H,W,3] in [0,1] -> {"before_head", "last_conv"}.
-
-  `before_head` is the deflated network's pooled feature (the image counterpart of the video `before_head`); the
-  MMV video heads map it to `va`/`vat` (what the export's `image` signature does).
-  """
-
-  def __init__(self, *, backbone: keras.Model, **kwargs):
-    super().__init__(name=kwargs.pop("name", "image_embedder"), **kwargs)
-    self.backbone = backbone
-
-  def build(self, input_shape=None):
-    self.built = True
-
-  def call(self, images, training=False):
-    out = self.backbone(images, training=bool(training))
-    return {"before_head": _f32(out["features"]), "last_conv": _f32(out["last_conv"])}
-
-
-def _backbone_classes():
-  from mmv_tf.models.backbones.s3d import S3D
-  from mmv_tf.models.backbones.tsm_resnet import TSMResNet
-  return {"S3D": S3D, "TSMResNet": TSMResNet}
-
-
-def save_deflated(model_dir: str, *, image_model: keras.Model, info: Optional[dict[str, Any]] = None) -> str:
-  """Writes the deflated backbone to `model_dir/deflated/` atomically (config json + variables checkpoint)."""
-  classes = _backbone_classes()
-  class_name = type(image_model).__name__
-  if class_name not in classes:
-    raise TypeError(f"cannot save a deflated {class_name}; expected one of {sorted(classes)}")
-  target = os.path.join(model_dir, DEFLATED_DIR)
-  tmp = f"{target}.tmp-{os.getpid()}"
-  if tf.io.gfile.exists(tmp):
-    tf.io.gfile.rmtree(tmp)
-  tf.io.gfile.makedirs(tmp)
-  config = {"backbone_class": class_name, "backbone_config": image_model.get_config(), **(info or {})}
-  with tf.io.gfile.GFile(os.path.join(tmp, DEFLATED_CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True, default=str)
-  tf.train.Checkpoint(variables=_VariablesByPath(image_model)).write(os.path.join(tmp, "variables"))
-  if tf.io.gfile.exists(target):
-    tf.io.gfile.rmtree(target)
-  tf.io.gfile.rename(tmp, target)
-  return target
-
-
-def load_deflated(model_dir: str) -> ImageEmbedder:
-  """The image network written by `mmv-tf deflate` in `model_dir/deflated/` (FileNotFoundError if absent)."""
-  directory = os.path.join(model_dir, DEFLATED_DIR)
-  path = os.path.join(directory, DEFLATED_CONFIG_NAME)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} not found: run `mmv-tf deflate --model_dir {model_dir}` first")
-  with tf.io.gfile.GFile(path) as f:
-    config = json.load(f)
-  backbone = _backbone_classes()[config["backbone_class"]].from_config(config["backbone_config"])
-  backbone(tf.zeros([1, 64, 64, 3]), training=False)
-  prefix = os.path.join(directory, "variables")
-  stored = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-  missing = [v.path for v in backbone.variables
-             if f"variables/{_escaped(checkpoint_key(v))}/.ATTRIBUTES/VARIABLE_VALUE" not in stored]
-  if missing:
-    raise ValueError(f"{prefix} does not match its config: missing {missing[:5]}")
-  tf.train.Checkpoint(variables=_VariablesByPath(backbone)).restore(prefix).expect_partial()
-  return ImageEmbedder(backbone=backbone)
+  """Rebuilds the model from `model_config.json` and restores `checkpoint` (default: the latest in model_dir)."""
+  from mmv_tf.families import model_dir as model_dir_lib
+  return model_dir_lib.restore(model_dir, checkpoint=checkpoint, family="mmv")[2]

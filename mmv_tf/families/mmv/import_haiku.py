@@ -101,7 +101,7 @@ def released_model_config(*, variant: str, vocab_size: int = 65536, embedding_di
                           num_frames: int = 32, crop_size: int = 200,
                           overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """The MMV FAC configuration of the released checkpoints (reference §3.2) as an `MMVModel` config."""
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
   backbone = VARIANTS[variant]
@@ -127,7 +127,7 @@ def released_model_config(*, variant: str, vocab_size: int = 65536, embedding_di
 def build_released_model(*, variant: str, params: Mapping[str, np.ndarray], num_frames: int = 32,
                          crop_size: int = 200, overrides: Optional[Mapping[str, Any]] = None):
   """An `MMVModel` shaped like the checkpoint (vocabulary size and embedding dim read from its table)."""
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   _, table = _find(params, r"text_module/~/embed/embeddings$")
   config = released_model_config(variant=variant, vocab_size=table.shape[0], embedding_dim=table.shape[1],
                                  num_frames=num_frames, crop_size=crop_size, overrides=overrides)

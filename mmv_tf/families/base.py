@@ -1,0 +1,81 @@
+"""The interface every model family implements (docs/families.md).
+
+A family is one folder, `mmv_tf/families/<name>/`, whose `__init__.py` registers one `Family` instance
+(`registry.register`). The shared machinery (trainer, input pipeline, export, server, evaluation, CLI)
+talks to a model only through this interface and never names a family.
+
+| piece | method | used by |
+|---|---|---|
+| name, config | `name`, `complete_config(raw)` (defaults filled, unknown keys rejected); `preprocessing(config)` is the only source of data settings | every command, model dirs |
+| model | `build_model(config)` -> a built keras.Model (all variables created) | train, restore, import |
+| vocabulary | `vocabulary_size_key` (a config key to fill with the vocabulary size, or None) | train |
+| training data | `train_dataset_fn(config, *, file_patterns, vocabulary, seed, options)` | train |
+| loss, metrics | `make_loss(config, **loss_config)`, `make_metrics(config, **loss_config)` | train |
+| export | `signatures(model, *, tokenizer, image_model)` -> {name: `Signature`} (first = serving_default) | export, serve |
+| image network | `image_model(model_dir, model)` -> (image network, None) or (None, reason); `deflation_source(model)` | export, evaluate, deflate |
+| evaluation | `embedder(model, *, image_model, vocabulary_path)`; `embedding_spaces` | evaluate, query |
+| importers | `importers` {format: callable} | import-checkpoint |
+| gin | `register_gin()` binds the family's configurables; `gin_dir` its presets | train, demo |
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from mmv_tf.serving.signatures import Signature  # noqa: F401  (part of the interface)
+
+LossFn = Callable[[Any, Mapping[str, tf.Tensor]], Tuple[tf.Tensor, Dict[str, tf.Tensor]]]
+MetricsFn = Callable[[Any, Mapping[str, tf.Tensor]], Dict[str, tf.Tensor]]
+
+
+class Family:
+  """Base class: subclasses override what their models need; see the module docstring."""
+
+  name: str = ""
+  # Which output serves which pair of modalities (e.g. {frozenset({"video", "text"}): "vat"}).
+  embedding_spaces: Mapping[frozenset, str] = {}
+  # A config key set to the training vocabulary's size (a word-embedding text tower), or None.
+  vocabulary_size_key: Optional[str] = None
+  # Checkpoint importers: {format name: fn(*, checkpoint, **options) -> (config, built model)}.
+  importers: Mapping[str, Callable[..., Any]] = {}
+  gin_dir: Optional[str] = None
+
+  def complete_config(self, raw: Mapping[str, Any]) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def preprocessing(self, config: Mapping[str, Any]) -> Dict[str, Any]:
+    return dict(config.get("preprocessing", {}))
+
+  def build_model(self, config: Mapping[str, Any]):
+    raise NotImplementedError
+
+  def train_dataset_fn(self, config: Mapping[str, Any], *, file_patterns, vocabulary, seed: Optional[int],
+                       options: Mapping[str, Any]) -> Callable[..., tf.data.Dataset]:
+    """`dataset_fn(*, input_context, batch_size)` of per-replica training batches (static shapes)."""
+    raise NotImplementedError
+
+  def make_loss(self, config: Mapping[str, Any], **loss_config) -> LossFn:
+    raise NotImplementedError
+
+  def make_metrics(self, config: Mapping[str, Any], **loss_config) -> Optional[MetricsFn]:
+    return None
+
+  def signatures(self, model, *, tokenizer=None, image_model=None) -> Dict[str, Signature]:
+    raise NotImplementedError
+
+  def image_model(self, model_dir: str, model) -> Tuple[Any, Optional[str]]:
+    return None, f"the {self.name} family has no image network"
+
+  def deflation_source(self, model):
+    """(video backbone, num_frames, crop_size) that `mmv-tf deflate` turns into an image network, or None."""
+    return None
+
+  def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
+    raise NotImplementedError(f"the {self.name} family has no in-process evaluation embedder")
+
+  def register_gin(self) -> None:
+    """Registers the family's gin configurables (called once by the commands that parse gin)."""
+
+  def __repr__(self) -> str:
+    return f"<Family {self.name}>"

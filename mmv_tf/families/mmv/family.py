@@ -1,0 +1,142 @@
+"""The MMV family (Alayrac et al., "Self-Supervised MultiModal Versatile Networks", NeurIPS 2020) behind
+the shared interface (`mmv_tf.families.base.Family`; docs/families.md).
+
+Model: `model.py`; signatures: `signatures.py`; released-checkpoint import: `import_haiku.py`;
+presets: gin/mmv/*.gin (paper) and gin/tiny/mmv_*.gin (CPU).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import tensorflow as tf
+
+from mmv_tf.families.base import Family
+from mmv_tf.families.mmv import model as mmv_model
+
+log = logging.getLogger(__name__)
+
+# Data settings the model config's `preprocessing` owns: a training `options` entry may not restate them.
+_PREPROCESSING_OPTIONS = ("num_frames", "stride", "crop_size", "min_resize", "max_tokens", "sample_rate",
+                          "space_to_depth")
+
+
+def _pipeline_settings(preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
+  """The `make_pretraining_dataset` arguments the model's preprocessing fixes (one source for all)."""
+  p = preprocessing
+  return dict(num_frames=p["num_frames"], stride=p["stride"], crop_size=p["crop_size"],
+              min_resize=p["min_resize"], max_tokens=p["max_tokens"], sample_rate=p["sample_rate"],
+              log_mel_settings={k: p[k] for k in ("frame_length", "frame_step", "num_mel_bins",
+                                                   "lower_edge_hertz", "upper_edge_hertz")})
+
+
+def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_size: int = 200,
+                  overrides: Optional[Mapping[str, Any]] = None, **unused):
+  """Released MMV Haiku pickle -> (loaded MMVModel, one-line summary); ValueError naming every tensor that
+  does not map (docs/checkpoints.md)."""
+  from mmv_tf.families.mmv import import_haiku
+  if variant is None:
+    raise ValueError("--variant is required for mmv-haiku checkpoints (s3d, tsm-resnet50, tsm-resnet50x2)")
+  model, report = import_haiku.import_checkpoint(variant=variant, checkpoint=checkpoint, num_frames=num_frames,
+                                                 crop_size=crop_size, overrides=overrides)
+  return model, import_haiku.summary(model, report)
+
+
+class MMVFamily(Family):
+  name = "mmv"
+  # Which space compares two modalities (the TF-Hub MMV usage rules; docs/serving.md).
+  embedding_spaces = {
+      frozenset({"video", "text"}): "vat", frozenset({"image", "text"}): "vat",
+      frozenset({"audio", "text"}): "vat", frozenset({"video", "audio"}): "va",
+      frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
+  }
+  vocabulary_size_key = "vocab_size"
+  gin_dir = "mmv"
+
+  @property
+  def importers(self):
+    return {"mmv-haiku": _import_haiku}
+
+  def complete_config(self, raw):
+    return mmv_model.complete_config(dict(raw))
+
+  def preprocessing(self, config):
+    from mmv_tf.families.mmv import signatures
+    return signatures.resolved_preprocessing(config["preprocessing"])
+
+  def build_model(self, config):
+    return mmv_model.build_mmv_model(**config)
+
+  def train_dataset_fn(self, config, *, file_patterns, vocabulary, seed, options):
+    from mmv_tf.data import pipeline
+    clash = sorted(set(options) & set(_PREPROCESSING_OPTIONS))
+    if clash:
+      raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
+                       "of data settings for training, evaluation and export); set them there")
+    settings = _pipeline_settings(self.preprocessing(config))
+    return functools.partial(pipeline.make_pretraining_dataset, file_patterns=file_patterns,
+                             vocabulary=vocabulary, seed=seed, **settings, **dict(options))
+
+  def make_loss(self, config, *, temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0,
+                direction: str = "symmetric"):
+    from mmv_tf import losses
+    return functools.partial(losses.mmv_loss, temperature=temperature, va_weight=va_weight,
+                             vt_weight=vt_weight, direction=direction)
+
+  def make_metrics(self, config, *, va_weight: float = 1.0, vt_weight: float = 1.0, **unused):
+    from mmv_tf import losses
+    from mmv_tf.data import features
+
+    def metrics_fn(outputs, batch):
+      # Per-replica shares (the trainer sums metrics over replicas).
+      n = tf.distribute.get_replica_context().num_replicas_in_sync
+      out = {f"embedding_norm/{tower}_{head}": tf.reduce_mean(tf.norm(tf.cast(x, tf.float32), axis=-1)) / n
+             for tower, heads in outputs.items() for head, x in heads.items() if head in ("va", "vat")}
+      if va_weight and vt_weight and features.TEXT_MASK in batch:
+        out.update({f"retrieval/{k}": v for k, v in losses.in_batch_retrieval_accuracy(outputs, batch).items()})
+      return out
+
+    return metrics_fn
+
+  def signatures(self, model, *, tokenizer=None, image_model=None):
+    from mmv_tf.families.mmv import signatures
+    return signatures.build_signatures(model=model, tokenizer=tokenizer, image_model=image_model)
+
+  def image_model(self, model_dir, model):
+    """The deflated network `mmv-tf deflate` saved (BN refit), else the video backbone deflated now
+    (`model_dir` None: always the latter)."""
+    from mmv_tf.models import deflation
+    if model_dir is not None:
+      try:
+        return deflation.load_deflated(model_dir), None
+      except (FileNotFoundError, OSError, ValueError) as e:
+        log.info("no deflated network saved in %s (%s)", model_dir, e)
+    try:
+      image_model = deflation.deflate(model.video_backbone)
+    except (TypeError, ValueError) as e:
+      return None, f"cannot deflate {type(model.video_backbone).__name__}: {e}"
+    log.warning("no deflated network in %s: deflating the video backbone now without BN refit "
+                "(run `mmv-tf deflate` first for better image embeddings)", model_dir)
+    return image_model, None
+
+  def deflation_source(self, model):
+    return model.video_backbone, model.num_frames, model.crop_size
+
+  def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
+    from mmv_tf.evaluation import features
+    return features.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocabulary_path,
+                                  name=name or "keras")
+
+  def register_gin(self):
+    import gin
+    gin.external_configurable(mmv_model.tiny_mmv_config, name="tiny_mmv_config")
+
+    @gin.configurable("mmv_model_config")
+    def mmv_model_config(**config):
+      """A full MMV model config dict: bind its keys (video_backbone, graph, preprocessing, ...)."""
+      return mmv_model.complete_config(config)
+
+
+FAMILY = MMVFamily()
