@@ -447,3 +447,42 @@ def test_two_replicas_equal_one_device_loss_and_gradients(two_cpus):
   # Per-replica BN statistics would change the result: the equality above needs synchronized BN.
   total_local, _ = _head_loss_and_grads(two_cpus, weights, batch, synchronized=False)
   assert abs(total_local - total1) > 1e-4
+
+
+def test_two_replicas_lars_step_equals_one_device(two_cpus):
+  """The gradient scale and the masks are resolved for the per-replica copies of mirrored variables."""
+  rng = np.random.default_rng(12)
+  weights = _tiny_head().get_weights()
+  grads = [rng.normal(size=w.shape).astype(np.float32) for w in _tiny_head().trainable_variables]
+  results = []
+  for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), two_cpus):
+    with strategy.scope():
+      head = heads.BraveHead(hidden_dim=8, output_dim=4)
+      head.build((None, 6))
+      head.set_weights(weights)
+      opt = _lars(learning_rate=0.5, weight_decay=1e-2, momentum=0.9, nesterov=True)
+      optimizers.exclude_biases_and_norms(opt, head.trainable_variables)
+      opt.build(head.trainable_variables)
+    initial = [v.numpy() for v in head.trainable_variables]
+    n = strategy.num_replicas_in_sync
+
+    @tf.function
+    def step():
+      # Each replica holds 1/n of the gradient; the optimizer sums them across replicas.
+      strategy.run(lambda: opt.apply_gradients(
+          [(tf.constant(g) / n, v) for g, v in zip(grads, head.trainable_variables)]))
+
+    step()
+    results.append([v.numpy() - w0 for v, w0 in zip(head.trainable_variables, initial)])
+  for two, one in zip(results[1], results[0]):
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-7)
+  # Predictor bias (no trust ratio): first Nesterov step = −lr·(1 + μ)·10·g.
+  bias = [v.path for v in head.trainable_variables].index("brave_head/predictor/output/bias")
+  np.testing.assert_allclose(results[1][bias], -0.5 * 1.9 * 10 * grads[bias], rtol=1e-5)
+
+
+def test_head_rejects_another_width():
+  head = heads.BraveHead(hidden_dim=8, output_dim=4)
+  head(np.ones((2, 6), np.float32))
+  with pytest.raises(ValueError):
+    head(np.ones((2, 5), np.float32))

@@ -82,7 +82,12 @@ class LARS(keras.optimizers.Optimizer):
 
   def gradient_scale(self, variable) -> float:
     """The factor `variable`'s gradient is multiplied by (after `build`)."""
-    return self._scales.get(self._var_key(variable), 1.0)
+    if not self.gradient_scales:
+      return 1.0
+    try:
+      return self._scales[self._var_key(variable)]
+    except KeyError:  # never fall back to 1 silently: a missed predictor would train unscaled
+      raise ValueError(f"LARS was not built for variable {variable.name!r}") from None
 
   def is_adapted(self, variable) -> bool:
     """True if `variable` gets weight decay and the trust ratio."""
