@@ -301,6 +301,9 @@ def test_blur_kernel_sizes():
   assert augment.blur_kernel_size(width=224) == 23
   assert augment.blur_kernel_size(width=112) == 11
   assert augment.blur_kernel_size(width=40) == 5
+  dynamic = tf.function(lambda x: augment.random_gaussian_blur(x, seed=_seed(0)))
+  with pytest.raises(ValueError, match="static frame width"):
+    dynamic.get_concrete_function(tf.TensorSpec([2, 8, None, 3], tf.float32))
 
 
 @pytest.mark.parametrize("sigma", [0.1, 1.3])

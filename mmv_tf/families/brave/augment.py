@@ -70,8 +70,11 @@ def sample_blur_sigma(*, seed, sigma_range: Tuple[float, float] = SIGMA_RANGE) -
 def random_gaussian_blur(frames, *, seed, sigma_range: Tuple[float, float] = SIGMA_RANGE) -> tf.Tensor:
   """Blurs every frame with one σ drawn for the clip; the kernel size follows the frame width."""
   frames = tf.convert_to_tensor(frames, tf.float32)
+  width = frames.shape[-2]
+  if width is None:  # the kernel size is a Python int (a static graph): crop/resize first
+    raise ValueError(f"random_gaussian_blur needs a static frame width, got shape {frames.shape}")
   sigma = sample_blur_sigma(seed=seed, sigma_range=sigma_range)
-  return gaussian_blur(frames, sigma=sigma, kernel_size=blur_kernel_size(width=frames.shape[-2]))
+  return gaussian_blur(frames, sigma=sigma, kernel_size=blur_kernel_size(width=width))
 
 
 def color_augment(frames, *, seed) -> tf.Tensor:
