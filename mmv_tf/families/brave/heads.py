@@ -14,11 +14,11 @@ matches the released models (one head: 9,986,560 for 2048-d input). One `BraveHe
 all views: a TSM-ResNet50x2 narrow view (4096-d) and a 2048-d audio view therefore cannot share it
 as is; the head builds on whichever width it first sees and a different width raises.
 
-BN is synchronized across replicas (batch statistics over the global batch, as in the paper) with
+BN is synchronized across replicas (batch statistics over the global batch, as BraVe trains) with
 momentum 0.9 and epsilon 1e-5 (`mmv_tf.models.layers.batch_norm`). Outputs are float32 also under a
 mixed-precision policy, because the regression loss compares unit vectors whose difference is small.
 
-Sublayer names (`projector/hidden`, `predictor/output_bn`, ...) are fixed: the paper's recipe scales
+Sublayer names (`projector/hidden`, `projector/output_bn`, ...) are fixed: BraVe's training recipe scales
 the predictor's gradients by 10, and `mmv_tf.training.optimizers.LARS(gradient_scales=...)` selects
 those variables by the `predictor` component of their path (`BRAVE_GRADIENT_SCALES`).
 """
