@@ -1,0 +1,16 @@
+"""BraVe (Recasens et al. 2021, "Broaden Your Views for Self-Supervised Video Learning").
+
+A narrow view (a short, high-resolution RGB clip) and a broad view (a long clip: audio log-mel, optionally
+low-resolution video) each predict the other through one shared projector + predictor, with a normalised
+L2 regression loss, a stop-gradient on the target projection and no EMA target network.
+
+| module | what |
+|---|---|
+| `heads` | `Projector`, `Predictor` and the shared `BraveHead` (synchronized BN, float32 outputs) |
+| `losses` | `regression_loss` (1 − cos against a stop-gradient target), `brave_loss` (both directions) |
+| `audio` | BraVe's log-mel recipe (320-sample STFT, hop 160, log(1 + 10⁴·mel)) |
+| `augment` | per-clip Gaussian blur, random convolution, and the colour / flip settings of the paper |
+
+The LARS optimiser (intended masks, per-variable gradient scale for the predictor) lives in
+`mmv_tf.training.optimizers`; the warm-up + cosine schedule in `mmv_tf.training.schedules`.
+"""
