@@ -126,7 +126,7 @@ def test_export_ships_model_config_and_vocabulary(tiny):
   from mmv_tf.serving import export
   extra = os.path.join(tiny.version_dir, "assets.extra")
   with open(os.path.join(extra, "model_config.json")) as f:
-    assert json.load(f) == tiny.config  # the completed config, as the model dir stores it
+    assert json.load(f) == {"family": "mmv", **tiny.config}  # the completed config, as the model dir stores it
   assert mmv.load_model_config(extra) == tiny.config
   with open(os.path.join(extra, export.EXPORT_INFO)) as f:
     info = json.load(f)
@@ -137,9 +137,13 @@ def test_export_ships_model_config_and_vocabulary(tiny):
     assert a.read().split() == b.read().split()
   # Written before the rename: nothing but the version (and the lock) in the base dir.
   assert sorted(n for n in os.listdir(tiny.export_base) if n != export.LOCK_NAME) == ["1"]
-  # export_saved_model(model=...) takes the config from the model itself.
-  assert export.model_config_of(tiny.keras.model) == tiny.config
-  assert export.model_config_of(object()) is None
+  assert info["family"] == "mmv" and info["serving_default"] == "video"
+  assert info["embedding_spaces"]["text+video"] == "vat" and info["embedding_spaces"]["audio+video"] == "va"
+  # export_saved_model(model=...) takes the family and the config from the model itself.
+  from mmv_tf import families
+  assert families.family_of(tiny.keras.model).name == "mmv" and tiny.keras.model.get_config() == tiny.config
+  with pytest.raises(ValueError, match="names no family"):
+    families.family_of(object())
 
 
 # -- 2. SavedModelEmbedder == KerasEmbedder ------------------------------------------------------------------

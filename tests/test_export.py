@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmv_tf.families.mmv import signatures as mmv_signatures
 from mmv_tf.serving import export, ops_allowlist, signatures, testing, warmup
 
 SIGNATURES = ["video", "audio", "text", "image", "image_bytes", "audio_spectrogram", "text_ids"]
@@ -130,11 +131,11 @@ def test_same_numbers_in_a_fresh_process(tiny, fresh_outputs):
   assert ids.numpy()[0, :3].tolist() == [4, 6, 13] and ids.numpy()[1, 4] == 3  # a dog barks; OOV -> <unk>
   close(out["text/vat"], model.embed_text(ids)["vat"], "text/vat")  # in-graph tokenizer == WordTokenizer
   close(out["text_ids/vat"], model.embed_text(x["word_ids"])["vat"], "text_ids/vat")
-  image = signatures.video_heads(model, tiny.image_model(x["image"], training=False)["features"])
+  image = mmv_signatures.video_heads(model, tiny.image_model(x["image"], training=False)["features"])
   for k in ("before_head", "va", "vat"):
     close(out[f"image/{k}"], image[k], f"image/{k}")
   decoded = signatures.decode_image_bytes(tf.constant(list(x["image_bytes"])), crop_size=32)
-  image_b = signatures.video_heads(model, tiny.image_model(decoded, training=False)["features"])
+  image_b = mmv_signatures.video_heads(model, tiny.image_model(decoded, training=False)["features"])
   close(out["image_bytes/vat"], image_b["vat"], "image_bytes/vat")
   # Sanity: the two texts and the two videos differ, so equal outputs are not trivially equal.
   for key in ("text/vat", "video/vat", "audio/va", "image/vat", "image_bytes/vat"):
