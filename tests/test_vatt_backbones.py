@@ -1,7 +1,8 @@
 """VATT building blocks: encoders, tokenizers, positions, DropToken, backbones and the FAC head.
 
 Parameter counts of the full-size models are read from the variable shapes of the real layers, created inside
-`keras.StatelessScope` (variables are declared with their shapes but never initialised, so nothing is allocated).
+`keras.StatelessScope(initialize_variables=False)`: the variables get their shapes but no values, so counting the
+Large video model allocates nothing.
 Everything else runs tiny models.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import keras
 import pytest
 import tensorflow as tf
+from keras.src.backend.common import global_state
 from scipy import interpolate, special
 
 from mmv_tf.families.vatt import backbones as bb
@@ -45,9 +47,15 @@ def _video_arithmetic(name):
 
 
 def _built(make, shape):
-  with keras.StatelessScope():
-    model = make()
-    model.build(shape)
+  """`make()` built for `shape` with declared, never initialised variables (shapes only, no memory)."""
+  try:
+    with keras.StatelessScope(initialize_variables=False):
+      model = make()
+      model.build(shape)
+  finally:
+    # Keras queues the variables for initialisation by the next scope that initialises; drop them.
+    global_state.set_global_attribute("uninitialized_variables", [])
+  assert all(v._value is None for v in model.weights)  # really nothing allocated
   return model
 
 
@@ -218,6 +226,20 @@ def test_cubic_resampling_identity_and_known_values():
 
 def _tiny_video(**kwargs):
   return bb.VideoTransformer(size=TINY, patch_size=(2, 4, 4), buckets=(2, 3, 3), **kwargs)
+
+
+def test_positions_are_layer_norm_of_summed_axis_tables():
+  video = _tiny_video(dropout_rate=0.0)
+  x = tf.random.uniform([2, 4, 12, 12, 3], -1, 1, seed=10)  # grid 2 x 3 x 3: the tables' own grid
+  video(x)
+  _randomize(video.positions, seed=11)
+  w = _weights_below(video.positions)
+  summed = w["temporal"][:, None, None] + w["vertical"][None, :, None] + w["horizontal"][None, None, :]
+  want = np_layer_norm(summed.reshape(18, 16), w["layernorm/gamma"], w["layernorm/beta"])
+  np.testing.assert_allclose(video.positions.positions((2, 3, 3)).numpy(), want, rtol=1e-4, atol=1e-5)
+  tokens = video.voxel_to_patch(x)
+  np.testing.assert_allclose(video.positions(tokens).numpy(), tf.reshape(tokens, [2, 18, 16]).numpy() + want,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_forward_resampling_equals_load_time_resampling():
