@@ -149,10 +149,15 @@ class AxisPositionEmbedding(keras.layers.Layer):
 
   def build(self, input_shape):
     d = input_shape[-1]
-    self.tables = [self.add_weight(name=name, shape=(n, d), initializer=_position_initializer(d))
-                   for name, n in zip(self.axis_names, self.buckets)]
+    for name, n in zip(self.axis_names, self.buckets):
+      # an attribute per table, not a list: tf.train.Checkpoint does not see variables in Keras-tracked lists
+      setattr(self, name, self.add_weight(name=name, shape=(n, d), initializer=_position_initializer(d)))
     self.layernorm.build((d,))
     self.built = True
+
+  @property
+  def tables(self):
+    return [getattr(self, name) for name in self.axis_names]
 
   def _axis_table(self, table, size):
     if self.resample:
