@@ -133,15 +133,15 @@ def _position_initializer(d_model: int):
 class AxisPositionEmbedding(keras.layers.Layer):
   """Learnable tables, one per grid axis, summed over the grid, then LayerNorm, added to the tokens, dropout.
 
-  Tokens [B, n_1, ..., n_k, d] (k = len(buckets)) -> [B, n_1 * ... * n_k, d]. With `resample=False` (text) a
-  shorter sequence takes the first rows and a longer one is an error.
+  Tokens [B, n_1, ..., n_k, d] (k = len(buckets)) -> [B, n_1 * ... * n_k, d]; an axis whose size differs from
+  its table's uses the re-sampled table.
   """
 
-  def __init__(self, *, buckets, axis_names, dropout_rate: float = 0.1, resample: bool = True, **kwargs):
+  def __init__(self, *, buckets, axis_names, dropout_rate: float = 0.1, **kwargs):
     super().__init__(**kwargs)
     self.buckets = tuple(int(b) for b in buckets)
     self.axis_names = tuple(axis_names)
-    self.dropout_rate, self.resample = float(dropout_rate), bool(resample)
+    self.dropout_rate = float(dropout_rate)
     if len(self.buckets) != len(self.axis_names):
       raise ValueError(f"one name per axis: buckets {self.buckets}, names {self.axis_names}")
     self.layernorm = keras.layers.LayerNormalization(epsilon=tx.LAYER_NORM_EPSILON, name="layernorm")
@@ -159,13 +159,6 @@ class AxisPositionEmbedding(keras.layers.Layer):
   def tables(self):
     return [getattr(self, name) for name in self.axis_names]
 
-  def _axis_table(self, table, size):
-    if self.resample:
-      return _table_for(table, size)
-    if size > table.shape[0]:
-      raise ValueError(f"{size} positions but the table has only {table.shape[0]} rows")
-    return tf.cast(table[:size], tf.float32)
-
   def positions(self, grid):
     """float32 [prod(grid), d]: LayerNorm of the summed axis tables on `grid`."""
     total = 0.0
@@ -173,7 +166,7 @@ class AxisPositionEmbedding(keras.layers.Layer):
     for axis, (table, size) in enumerate(zip(self.tables, grid)):
       shape = [1] * rank + [table.shape[-1]]
       shape[axis] = size
-      total += tf.reshape(self._axis_table(table, size), shape)
+      total += tf.reshape(_table_for(table, size), shape)
     flat = tf.reshape(total, [-1, total.shape[-1]])
     return tf.cast(self.layernorm(flat), tf.float32)
 
@@ -192,7 +185,7 @@ class AxisPositionEmbedding(keras.layers.Layer):
 
   def get_config(self):
     return {**super().get_config(), "buckets": self.buckets, "axis_names": self.axis_names,
-            "dropout_rate": self.dropout_rate, "resample": self.resample}
+            "dropout_rate": self.dropout_rate}
 
 
 # ----------------------------------------------------------------------------------------- DropToken, [AGG]
@@ -212,8 +205,9 @@ class DropToken(keras.layers.Layer):
     draws an independent subset per example;
   * kept tokens stay in their original order (the encoder is permutation-equivariant and the positions were
     added before, so this does not change `features`; it only makes `tokens` easier to read).
-  Randomness comes from unseeded stateful TF random ops, so replicas of a distribution strategy draw different
-  subsets (a Keras SeedGenerator's state would be shared by the replicas).
+  Randomness comes from unseeded stateful TF random ops, one op per replica, so that replicas of a distribution
+  strategy should draw different subsets (a Keras SeedGenerator's state would be shared by the replicas; the
+  per-replica behaviour is not covered by the tests).
   """
 
   def __init__(self, *, keep_rate: float = 0.5, per_example: bool = False, **kwargs):
@@ -361,6 +355,8 @@ class AudioTransformer(_TokenTransformer):
     self.built = True
 
   def call(self, waveform, training=None):
+    if waveform.shape.rank == 2:  # [B, N] -> [B, N, 1]
+      waveform = waveform[..., None]
     return self._encode(self.waveform_to_patch(waveform), training)
 
   def get_config(self):
@@ -442,8 +438,8 @@ class ModalityAgnosticTransformer(keras.Model):
   """VATT-MA (paper section 3.2, `UniversalVATT` in the released code): one Transformer for all modalities.
 
   Per modality m: tokenizer (`video_to_patch` Conv3D, `audio_to_patch` Conv1D, frozen `word_embeddings`) ->
-  `{m}_pre_projection` Dense(d, GELU) -> `{m}_positions` (video 8/14/14, audio 1200, text 16 absolute, no
-  re-sampling for text) -> DropToken (video and audio, training only) -> `{m}_agg_token` -> the shared
+  `{m}_pre_projection` Dense(d, GELU) -> `{m}_positions` (video 8/14/14, audio 1200, text 16 absolute; like the
+  released code, captions of another length than 16 words re-sample the text table too) -> DropToken (video and audio, training only) -> `{m}_agg_token` -> the shared
   `transformer` (text padding masked) -> `{m}_post_projection` Dense(post_projection_dim, GELU) on every output.
   The modalities go through the encoder in separate passes: no attention across modalities.
 
@@ -484,8 +480,7 @@ class ModalityAgnosticTransformer(keras.Model):
               keras.layers.Dense(d_model, activation=tx.gelu, name=f"{m}_pre_projection"))
       buckets, names = grids[m]
       setattr(self, f"{m}_positions", AxisPositionEmbedding(
-          buckets=buckets, axis_names=names, dropout_rate=self.dropout_rate, resample=m != "text",
-          name=f"{m}_positions"))
+          buckets=buckets, axis_names=names, dropout_rate=self.dropout_rate, name=f"{m}_positions"))
       setattr(self, f"{m}_agg_token", AggregationToken(name=f"{m}_agg_token"))
       setattr(self, f"{m}_post_projection", keras.layers.Dense(self.post_projection_dim, activation=tx.gelu,
                                                                name=f"{m}_post_projection"))
