@@ -373,6 +373,20 @@ def test_jit_compile_equals_eager(tiny_models):
     jit = tf.function(lambda v, m=model: _features(m(v, training=False)), jit_compile=True)(x)
     for a, b in zip(jit, _features(model(x, training=False))):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+  video, x = tiny_models["video"]  # training: dropout and DropToken compile with static shapes
+  assert tf.function(lambda v: video(v, training=True)["tokens"], jit_compile=True)(x).shape == (2, 9, 16)
+
+
+def test_variable_paths_are_explicit_and_deterministic():
+  first, second = _tiny_video(), _tiny_video()  # a second instance must not get uniquified names
+  for model in (first, second):
+    model(tf.zeros([1, 4, 12, 12, 3]))
+  paths = [v.path for v in first.weights]
+  assert paths == [v.path for v in second.weights]
+  for expected in ("vit_custom/voxel_to_patch/kernel", "vit_custom/positions/temporal",
+                   "vit_custom/positions/horizontal", "vit_custom/agg_token/agg_embedding",
+                   "vit_custom/transformer/layer_1/mha/o/bias", "vit_custom/transformer/layernorm/gamma"):
+    assert expected in paths
 
 
 def test_mixed_bfloat16_close_to_float32(tiny_models):
