@@ -434,5 +434,11 @@ def test_fac_head_matches_released_code_at_inference():
       assert got[m][key].dtype == tf.float32
       np.testing.assert_allclose(got[m][key].numpy(), want[m][key], rtol=1e-4, atol=1e-4)
   assert not head.video_to_hidden.use_bias and not head.va_to_vat.use_bias and head.audio_to_va.use_bias
-  clone = heads.FACHead.from_config(head.get_config())
+  clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(head))
   assert clone.get_config() == head.get_config()
+  clone(feats)
+  clone.set_weights(head.get_weights())
+  jit = tf.function(lambda f: clone(f, training=False), jit_compile=True)(feats)
+  for m in want:
+    for key in want[m]:
+      np.testing.assert_allclose(jit[m][key].numpy(), got[m][key].numpy(), rtol=1e-5, atol=1e-5)
