@@ -150,7 +150,7 @@ def test_export_ships_model_config_and_vocabulary(tiny):
 
 def test_saved_model_embedder_reads_settings_from_the_export(tiny):
   saved = tiny.saved
-  assert saved.model_config == tiny.config
+  assert saved.model_config == tiny.config and saved.family_name == "mmv"
   pre = tiny.config["preprocessing"]
   for key in ("num_frames", "crop_size", "min_resize", "sample_rate", "max_tokens", "num_mel_bins"):
     assert saved.preprocessing[key] == pre[key], key

@@ -197,13 +197,13 @@ def test_policy_is_validated_and_restored_even_on_error(tmp_path):
     for policy, want in ((None, "float32"), ("mixed_float16", "mixed_float16")):
       with pytest.raises(RuntimeError, match="no data"):
         trainer.train(model_dir=str(tmp_path / str(policy)), steps=1, batch_size=8, strategy=_mirrored(),
-                      model_builder=builder, model_config={}, dataset_fn=failing_dataset_fn,
+                      family="mmv", model_builder=builder, model_config={}, dataset_fn=failing_dataset_fn,
                       mixed_precision=policy, print_fn=lambda line: None)
       # None = float32, whatever the global policy was; the caller's policy is back afterwards.
       assert seen == {"policy": want, "during": want}
       assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     with pytest.raises(ValueError, match="mixed_precision"):
-      trainer.train(model_dir=str(tmp_path / "bad"), steps=1, batch_size=8, model_builder=builder,
+      trainer.train(model_dir=str(tmp_path / "bad"), steps=1, batch_size=8, family="mmv", model_builder=builder,
                     model_config={}, dataset_fn=failing_dataset_fn, mixed_precision="float16")
   finally:
     keras.mixed_precision.set_global_policy("float32")

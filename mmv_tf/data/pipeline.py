@@ -34,6 +34,7 @@ from mmv_tf.data import features as F
 from mmv_tf.data import processors
 from mmv_tf.data import schema
 from mmv_tf.data import text as text_lib
+from mmv_tf.data import views as views_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 Features = Dict[str, tf.Tensor]
@@ -174,84 +175,107 @@ def _frame_rate(feats: Features, default: float) -> tf.Tensor:
   return tf.concat([tf.cast(values, tf.float32), [default]], 0)[0]
 
 
+def _view_names(name: str, default: str):
+  """(step name, seed name) maker of a view: the default view keeps the plain names (so its random draws
+  and step names are what they always were); another view suffixes them with `:name`."""
+  suffix = "" if name == default else f":{name}"
+  return lambda base: base + suffix
+
+
 def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride: int = 1,
               crop_size: int = 200, min_resize: Optional[int] = 224, num_test_clips: int = 1,
               random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
               color_drop_prob: float = 0.0, space_to_depth: bool = False,
-              frame_rate: float = schema.DEFAULT_FPS) -> None:
+              frame_rate: float = schema.DEFAULT_FPS, name: str = F.VIDEO,
+              start_with: Optional[str] = None, loop_short_clips: bool = False) -> None:
   """Frames: sample -> fused decode-and-crop -> resize to `crop_size` -> [0,1] -> flip/colour.
 
-  Output `video` float32 [T,crop,crop,3] (training) or [N,T,crop,crop,3] (evaluation). The crop window
-  is computed from the JPEG header before decoding, so only the pixels that survive the crop are decoded.
-  Training crop = DMVR resize_smallest(min_resize) -> scale jitter -> random crop, fused into one window;
-  evaluation = resize_smallest -> central crop.
+  Output `name` (default `video`) float32 [T,crop,crop,3] (training) or [N,T,crop,crop,3] (evaluation).
+  The crop window is computed from the JPEG header before decoding, so only the pixels that survive the
+  crop are decoded. Training crop = DMVR resize_smallest(min_resize) -> scale jitter -> random crop, fused
+  into one window; evaluation = resize_smallest -> central crop.
+
+  Several views of one clip: call again with another `name` (its own frame count, stride, crop and
+  augmentations, drawn independently). `start_with=OTHER` starts this view at OTHER's first frame
+  (synchronised starts: OTHER must be added first); `loop_short_clips` repeats a clip shorter than the
+  view's span instead of rejecting it (sequence extension).
   """
   proc.parse_feature(schema.IMAGE_ENCODED, tf.io.FixedLenSequenceFeature([], tf.string),
                      is_context=False)
   proc.parse_feature(schema.FRAME_RATE, tf.io.VarLenFeature(tf.float32), is_context=True)
   span = processors.window_span(num_steps=num_frames, stride=stride)
   clips = 1 if is_training else num_test_clips
+  named = _view_names(name, F.VIDEO)
+  jpegs_key = f"_jpegs{named('')}"
 
   def sample(feats, state):
     jpegs = feats[schema.IMAGE_ENCODED]
     length = tf.shape(jpegs)[0]
-    checks = [_check(length > 0, f"missing key {schema.IMAGE_ENCODED}"),
-              _check(length >= span, f"clip too short: fewer than {span} frames")]
+    checks = [_check(length > 0, f"missing key {schema.IMAGE_ENCODED}")]
+    if not loop_short_clips:
+      checks.append(_check(length >= span, f"clip too short: fewer than {span} frames"))
     state["frame_rate"] = _frame_rate(feats, frame_rate)
     if "max_frame_start" in state:  # keep the audio window inside the waveform as well
       length = tf.minimum(length, tf.maximum(state["max_frame_start"], 0) + span)
     with tf.control_dependencies(checks):
-      if is_training:
-        starts = processors.random_window_start(length=length, num_steps=num_frames, stride=stride,
-                                                seed=sub_seed(state, "frame_start"))[None]
+      if start_with is not None:
+        starts = state[f"frame_starts{_view_names(start_with, F.VIDEO)('')}"]
+      elif is_training:
+        starts = processors.random_window_start(length=tf.maximum(length, span), num_steps=num_frames,
+                                                stride=stride, seed=sub_seed(state, named("frame_start")))[None]
       else:
-        starts = processors.linspace_window_starts(length=length, num_steps=num_frames, stride=stride,
-                                                   num_windows=num_test_clips)
-    state["frame_starts"] = starts  # [clips]; the audio window is cut from the same frames
+        starts = processors.linspace_window_starts(length=tf.maximum(length, span), num_steps=num_frames,
+                                                   stride=stride, num_windows=num_test_clips)
+    state[f"frame_starts{named('')}"] = starts  # [clips]; audio windows are cut from the same frames
     idx = processors.window_indices(starts, num_steps=num_frames, stride=stride)
-    feats["_jpegs"] = tf.gather(jpegs, tf.reshape(idx, [-1]))
+    if loop_short_clips:
+      idx = idx % tf.shape(jpegs)[0]
+    feats[jpegs_key] = tf.gather(jpegs, tf.reshape(idx, [-1]))
     return feats
 
   def decode(feats, state):
-    jpegs = feats.pop("_jpegs")
+    jpegs = feats.pop(jpegs_key)
     size = processors.jpeg_shape(jpegs[0])
     if is_training:
       window = processors.random_crop_window(
           image_size=size, crop_size=crop_size, min_resize=min_resize,
-          seed=sub_seed(state, "crop"), jitter_prob=processors.SCALE_JITTER_PROB if scale_jitter else 0.0)
+          seed=sub_seed(state, named("crop")),
+          jitter_prob=processors.SCALE_JITTER_PROB if scale_jitter else 0.0)
     else:
       window = processors.center_crop_window(image_size=size, crop_size=crop_size, min_resize=min_resize)
     frames = processors.decode_and_crop_jpeg(jpegs, window=window)
     frames.set_shape([clips * num_frames, None, None, 3])
-    feats[F.VIDEO] = processors.resize_frames(frames, height=crop_size, width=crop_size)
+    feats[name] = processors.resize_frames(frames, height=crop_size, width=crop_size)
     return feats
 
   def augment(feats, state):
-    video = processors.normalize_image(feats[F.VIDEO])
+    video = processors.normalize_image(feats[name])
     if is_training and random_flip:
-      video = processors.random_flip_left_right(video, seed=sub_seed(state, "flip"))
+      video = processors.random_flip_left_right(video, seed=sub_seed(state, named("flip")))
     if is_training and color_augmentation:
-      video = processors.color_augment(video, seed=sub_seed(state, "color"),
+      video = processors.color_augment(video, seed=sub_seed(state, named("color")),
                                        color_drop_prob=color_drop_prob)
     shape = [num_frames, crop_size, crop_size, 3]
-    feats[F.VIDEO] = tf.reshape(video, shape if is_training else [clips] + shape)
+    feats[name] = tf.reshape(video, shape if is_training else [clips] + shape)
     return feats
 
-  proc.add_fn(Phase.SAMPLE, "sample_frames", sample)
-  proc.add_fn(Phase.DECODE, "decode_frames", decode)
-  proc.add_fn(Phase.AUGMENT, "augment_frames", augment)
+  proc.add_fn(Phase.SAMPLE, named("sample_frames"), sample)
+  proc.add_fn(Phase.DECODE, named("decode_frames"), decode)
+  proc.add_fn(Phase.AUGMENT, named("augment_frames"), augment)
   if space_to_depth:
     def s2d(feats, state):
-      feats[F.VIDEO] = processors.space_to_depth(feats[F.VIDEO])
+      feats[name] = processors.space_to_depth(feats[name])
       return feats
-    proc.add_fn(Phase.FEATURIZE, "space_to_depth", s2d)
-  proc.add_output(F.VIDEO)
+    proc.add_fn(Phase.FEATURIZE, named("space_to_depth"), s2d)
+  proc.add_output(name)
 
 
 def add_audio(proc: ClipProcessor, *, is_training: bool, num_samples: int,
               sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_test_clips: int = 1,
-              frame_rate: float = schema.DEFAULT_FPS, output_waveform: bool = True) -> None:
-  """Waveform window of `num_samples`, cut at the frame window's start when frames are sampled.
+              frame_rate: float = schema.DEFAULT_FPS, output_waveform: bool = True,
+              name: str = F.AUDIO, align_to: str = F.VIDEO) -> None:
+  """Waveform window `name` of `num_samples`, cut at the start of video view `align_to` when that view
+  is sampled (the audio is then aligned to its frames' time).
 
   The record's own sample rate (`schema.SAMPLE_RATE`, default `sample_rate`) and frame rate place the
   window (samples per frame = sample_rate / fps); a record at another sample rate is a bad record.
@@ -260,6 +284,8 @@ def add_audio(proc: ClipProcessor, *, is_training: bool, num_samples: int,
   proc.parse_feature(schema.WAVEFORM, tf.io.VarLenFeature(tf.float32), is_context=False)
   proc.parse_feature(schema.SAMPLE_RATE, tf.io.VarLenFeature(tf.int64), is_context=True)
   proc.parse_feature(schema.FRAME_RATE, tf.io.VarLenFeature(tf.float32), is_context=True)
+  named = _view_names(name, F.AUDIO)
+  aligned_starts = f"frame_starts{_view_names(align_to, F.VIDEO)('')}"
 
   def cut(feats, state):
     waveform = feats[schema.WAVEFORM].values  # DMVR: one Feature holding the whole waveform
@@ -268,17 +294,17 @@ def add_audio(proc: ClipProcessor, *, is_training: bool, num_samples: int,
     checks = [_check(length > 0, f"missing key {schema.WAVEFORM}"),
               _check(tf.equal(rate, sample_rate), f"audio sample rate differs from {sample_rate}")]
     with tf.control_dependencies(checks):
-      if "frame_starts" in state:
-        starts = processors.audio_window_start(state["frame_starts"], sample_rate=rate,
+      if aligned_starts in state:
+        starts = processors.audio_window_start(state[aligned_starts], sample_rate=rate,
                                                frame_rate=state["frame_rate"])
       elif is_training:  # audio-only pipeline: sample the window directly
         starts = processors.random_window_start(length=length, num_steps=num_samples, stride=1,
-                                                seed=sub_seed(state, "audio_start"))[None]
+                                                seed=sub_seed(state, named("audio_start")))[None]
       else:
         starts = processors.linspace_window_starts(length=length, num_steps=num_samples, stride=1,
                                                    num_windows=num_test_clips)
     audio = processors.cut_waveform(waveform, start=starts, num_samples=num_samples)
-    feats[F.AUDIO] = audio[0] if is_training else audio
+    feats[name] = audio[0] if is_training else audio
     return feats
 
   def limit(feats, state):
@@ -290,25 +316,29 @@ def add_audio(proc: ClipProcessor, *, is_training: bool, num_samples: int,
         tf.floor(tf.cast(length - num_samples, tf.float32) * fps / rate), tf.int32)
     return feats
 
-  proc.add_fn(Phase.SAMPLE, "limit_frame_start", limit, before="sample_frames")
-  proc.add_fn(Phase.SAMPLE, "cut_audio", cut)
+  if "limit_frame_start" not in proc.fn_names():  # one limit, the first audio view's
+    proc.add_fn(Phase.SAMPLE, "limit_frame_start", limit, before="sample_frames")
+  proc.add_fn(Phase.SAMPLE, named("cut_audio"), cut)
   if output_waveform:
-    proc.add_output(F.AUDIO)
+    proc.add_output(name)
 
 
 def add_log_mel(proc: ClipProcessor, *, is_training: bool, sample_rate: int = schema.DEFAULT_SAMPLE_RATE,
-                spec_augment: bool = False, **spectrogram_kwargs) -> None:
-  """`log_mel` [F,80,1] (or [N,F,80,1]) from the `audio` window (needs `add_audio`)."""
+                spec_augment: bool = False, name: str = F.LOG_MEL, source: str = F.AUDIO,
+                **spectrogram_kwargs) -> None:
+  """`name` (default `log_mel`) [F,mel,1] (or [N,F,mel,1]) from the waveform view `source` (needs
+  `add_audio`); `spectrogram_kwargs` are `processors.log_mel_spectrogram`'s settings."""
+  named = _view_names(name, F.LOG_MEL)
 
   def featurize(feats, state):
-    mel = processors.log_mel_spectrogram(feats[F.AUDIO], sample_rate=sample_rate, **spectrogram_kwargs)
+    mel = processors.log_mel_spectrogram(feats[source], sample_rate=sample_rate, **spectrogram_kwargs)
     if is_training and spec_augment:
-      mel = processors.spec_augment(mel, seed=sub_seed(state, "spec_augment"))
-    feats[F.LOG_MEL] = mel[..., None]
+      mel = processors.spec_augment(mel, seed=sub_seed(state, named("spec_augment")))
+    feats[name] = mel[..., None]
     return feats
 
-  proc.add_fn(Phase.FEATURIZE, "log_mel", featurize)
-  proc.add_output(F.LOG_MEL)
+  proc.add_fn(Phase.FEATURIZE, named("log_mel"), featurize)
+  proc.add_output(name)
 
 
 def add_text(proc: ClipProcessor, *, is_training: bool, tokenizer: text_lib.WordTokenizer,
@@ -356,43 +386,41 @@ def default_num_audio_samples(*, num_frames: int, stride: int, frame_rate: float
   return int(round(num_frames * stride / frame_rate * sample_rate))
 
 
-def build_clip_processor(*, is_training: bool, tokenizer: Optional[text_lib.WordTokenizer] = None,
-                         num_frames: int = 32, stride: int = 1, crop_size: int = 200,
-                         min_resize: Optional[int] = 224, num_test_clips: int = 1,
-                         frame_rate: float = schema.DEFAULT_FPS,
-                         sample_rate: int = schema.DEFAULT_SAMPLE_RATE,
-                         num_audio_samples: Optional[int] = None, num_captions: int = 1,
-                         with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
-                         with_waveform: bool = False, with_text: bool = True, with_label: bool = True,
-                         keep_raw_captions: bool = False, random_flip: bool = True,
-                         color_augmentation: bool = True, scale_jitter: bool = True,
-                         color_drop_prob: float = 0.0, spec_augment: bool = False,
-                         space_to_depth: bool = False,
-                         log_mel_settings: Optional[Mapping[str, float]] = None) -> ClipProcessor:
-  """The MMV recipe as a `ClipProcessor`; flags choose the modalities a model family needs."""
-  proc = ClipProcessor()
+def spec_from_flags(*, num_frames: int = 32, stride: int = 1, crop_size: int = 200,
+                    min_resize: Optional[int] = 224, frame_rate: float = schema.DEFAULT_FPS,
+                    sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
+                    num_captions: int = 1, max_tokens: int = text_lib.DEFAULT_MAX_TOKENS,
+                    with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
+                    with_waveform: bool = False, with_text: bool = True, with_label: bool = True,
+                    random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
+                    color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
+                    log_mel_settings: Optional[Mapping[str, float]] = None) -> views_lib.PipelineSpec:
+  """The one-video / one-audio / one-text `PipelineSpec` the flag arguments describe (MMV's recipe)."""
+  v: list = []
   if with_video:
-    add_video(proc, is_training=is_training, num_frames=num_frames, stride=stride, crop_size=crop_size,
-              min_resize=min_resize, num_test_clips=num_test_clips, random_flip=random_flip,
-              color_augmentation=color_augmentation, scale_jitter=scale_jitter,
-              color_drop_prob=color_drop_prob, space_to_depth=space_to_depth, frame_rate=frame_rate)
+    v.append(views_lib.VideoView(num_frames=num_frames, stride=stride, crop_size=crop_size, min_resize=min_resize,
+                                 random_flip=random_flip, color_augmentation=color_augmentation,
+                                 scale_jitter=scale_jitter, color_drop_prob=color_drop_prob,
+                                 space_to_depth=space_to_depth))
   if with_audio and (with_log_mel or with_waveform):
     if num_audio_samples is None:
       num_audio_samples = default_num_audio_samples(num_frames=num_frames, stride=stride,
                                                     frame_rate=frame_rate, sample_rate=sample_rate)
-    add_audio(proc, is_training=is_training, num_samples=num_audio_samples, sample_rate=sample_rate,
-              num_test_clips=num_test_clips, frame_rate=frame_rate, output_waveform=with_waveform)
-    if with_log_mel:
-      add_log_mel(proc, is_training=is_training, sample_rate=sample_rate, spec_augment=spec_augment,
-                  **dict(log_mel_settings or {}))
+    log_mel = views_lib.LogMel(**dict(log_mel_settings or {})) if with_log_mel else None
+    v.append(views_lib.AudioView(num_samples=num_audio_samples, waveform=with_waveform, log_mel=log_mel,
+                                 spec_augment=spec_augment))
   if with_text:
-    if tokenizer is None:
-      raise ValueError("with_text=True needs a vocabulary or a tokenizer")
-    add_text(proc, is_training=is_training, tokenizer=tokenizer, num_captions=num_captions,
-             keep_raw_captions=keep_raw_captions)
-  if with_label:
-    add_label(proc)
-  return proc
+    v.append(views_lib.TextView(num_captions=num_captions, max_tokens=max_tokens))
+  return views_lib.PipelineSpec(views=tuple(v), label=with_label, frame_rate=frame_rate, sample_rate=sample_rate)
+
+
+def build_clip_processor(*, is_training: bool, tokenizer: Optional[text_lib.WordTokenizer] = None,
+                         num_test_clips: int = 1, keep_raw_captions: bool = False,
+                         spec: Optional[views_lib.PipelineSpec] = None, **flags) -> ClipProcessor:
+  """The `ClipProcessor` of `spec`, or of the MMV recipe that `spec_from_flags(**flags)` describes."""
+  spec = spec or spec_from_flags(**flags)
+  return views_lib.build_processor(spec, is_training=is_training, tokenizer=tokenizer,
+                                   num_test_clips=num_test_clips, keep_raw_captions=keep_raw_captions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,12 +542,12 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
                           count_in_elements=count_in_elements, deterministic=deterministic)
 
 
-def _make_tokenizer(vocabulary, tokenizer, max_tokens):
-  if tokenizer is not None:
+def _spec_tokenizer(spec: views_lib.PipelineSpec, vocabulary, tokenizer):
+  """`tokenizer`, else a `WordTokenizer` of `vocabulary` for the spec's text view (None without one)."""
+  text_view = spec.text_view()
+  if tokenizer is not None or text_view is None or vocabulary is None:
     return tokenizer
-  if vocabulary is None:
-    return None
-  return text_lib.WordTokenizer(vocabulary=vocabulary, max_tokens=max_tokens)
+  return text_lib.WordTokenizer(vocabulary=vocabulary, max_tokens=text_view.max_tokens)
 
 
 def _options(deterministic: bool) -> tf.data.Options:
@@ -541,12 +569,16 @@ def make_pretraining_dataset(
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
     random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
     color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
-    log_mel_settings: Optional[Mapping[str, float]] = None, seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
+    log_mel_settings: Optional[Mapping[str, float]] = None, spec: Optional[views_lib.PipelineSpec] = None,
+    seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
     num_parallel_reads: Optional[int] = None,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
+
+  What each example holds: `spec` (a `views.PipelineSpec`: named views, what families pass), or else
+  the one-video/one-audio/one-text recipe the flag arguments describe (`spec_from_flags`).
 
   Keys (`features.py`): `video` [B,T,H,W,3] float32 in [0,1]; `log_mel` [B,F,80,1]; `audio` [B,S]
   (with_waveform); `text_ids` [B,K,L] int32, `text_mask` [B,K], `has_text` [B]; `label` [B] int32;
@@ -564,15 +596,16 @@ def make_pretraining_dataset(
   the per-replica batch. With `seed`, the pipeline is deterministic. `customize(processor)` may add,
   replace or remove named steps of the per-example `ClipProcessor` before the dataset is built.
   """
-  tok = _make_tokenizer(vocabulary, tokenizer, max_tokens) if with_text else None
-  processor = build_clip_processor(
-      is_training=True, tokenizer=tok, num_frames=num_frames, stride=stride, crop_size=crop_size,
-      min_resize=min_resize, frame_rate=frame_rate, sample_rate=sample_rate,
-      num_audio_samples=num_audio_samples, num_captions=num_captions, with_video=with_video,
-      with_audio=with_audio, with_log_mel=with_log_mel, with_waveform=with_waveform,
-      with_text=with_text, random_flip=random_flip, color_augmentation=color_augmentation,
-      scale_jitter=scale_jitter, color_drop_prob=color_drop_prob, spec_augment=spec_augment,
-      space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
+  if spec is None:
+    spec = spec_from_flags(
+        num_frames=num_frames, stride=stride, crop_size=crop_size, min_resize=min_resize,
+        frame_rate=frame_rate, sample_rate=sample_rate, num_audio_samples=num_audio_samples,
+        num_captions=num_captions, max_tokens=max_tokens, with_video=with_video, with_audio=with_audio,
+        with_log_mel=with_log_mel, with_waveform=with_waveform, with_text=with_text,
+        random_flip=random_flip, color_augmentation=color_augmentation, scale_jitter=scale_jitter,
+        color_drop_prob=color_drop_prob, spec_augment=spec_augment, space_to_depth=space_to_depth,
+        log_mel_settings=log_mel_settings)
+  processor = views_lib.build_processor(spec, is_training=True, tokenizer=_spec_tokenizer(spec, vocabulary, tokenizer))
   if customize is not None:
     customize(processor)
   if mixture_weights is None:
@@ -611,23 +644,27 @@ def make_eval_dataset(
     with_waveform: bool = False, with_text: bool = True,
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
     space_to_depth: bool = False, log_mel_settings: Optional[Mapping[str, float]] = None,
+    spec: Optional[views_lib.PipelineSpec] = None,
     input_context: Optional[tf.distribute.InputContext] = None, drop_remainder: bool = False, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None,
     num_parallel_reads: Optional[int] = None,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """One pass, in file order, deterministic: N linearly spaced clips per video, central crop.
 
+  Views: `spec`, or the recipe the flag arguments describe (`spec_from_flags`).
+
   Keys: `video` [B,N,T,H,W,3], `log_mel` [B,N,F,80,1], `audio` [B,N,S] (with_waveform), `text_ids`
   [B,K,L], `text_mask` [B,K], `has_text` [B], `caption` [B,K] strings (first K captions), `label` [B].
   """
-  tok = _make_tokenizer(vocabulary, tokenizer, max_tokens) if with_text else None
-  processor = build_clip_processor(
-      is_training=False, tokenizer=tok, num_frames=num_frames, stride=stride, crop_size=crop_size,
-      min_resize=min_resize, num_test_clips=num_test_clips, frame_rate=frame_rate,
-      sample_rate=sample_rate, num_audio_samples=num_audio_samples, num_captions=num_captions,
-      with_video=with_video, with_audio=with_audio, with_log_mel=with_log_mel,
-      with_waveform=with_waveform, with_text=with_text, keep_raw_captions=with_text,
-      space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
+  if spec is None:
+    spec = spec_from_flags(
+        num_frames=num_frames, stride=stride, crop_size=crop_size, min_resize=min_resize,
+        frame_rate=frame_rate, sample_rate=sample_rate, num_audio_samples=num_audio_samples,
+        num_captions=num_captions, max_tokens=max_tokens, with_video=with_video, with_audio=with_audio,
+        with_log_mel=with_log_mel, with_waveform=with_waveform, with_text=with_text,
+        space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
+  processor = views_lib.build_processor(spec, is_training=False, tokenizer=_spec_tokenizer(spec, vocabulary, tokenizer),
+                                        num_test_clips=num_test_clips, keep_raw_captions=spec.text_view() is not None)
   if customize is not None:
     customize(processor)
   ds = _read_examples(files=list_files(file_patterns), processor=processor, is_training=False, seed=0,

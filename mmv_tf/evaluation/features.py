@@ -212,6 +212,8 @@ class SavedModelEmbedder:
     self.signature_names = sorted(self._sigs.keys())
     self.model_config_path = os.path.join(path, EXTRA_DIR, MODEL_CONFIG_FILE)
     self.model_config = _read_json(self.model_config_path)
+    # The family the export was made from (model dirs and exports record it beside the config).
+    self.family_name = (self.model_config or {}).pop("family", None)
     self.export_info = _read_json(os.path.join(path, EXTRA_DIR, EXPORT_INFO_FILE)) or {}
     explicit = {k: v for k, v in dict(preprocessing or {}).items() if v is not None}
     self.explicit_settings = sorted(explicit)

@@ -20,16 +20,28 @@ log = logging.getLogger(__name__)
 
 # Data settings the model config's `preprocessing` owns: a training `options` entry may not restate them.
 _PREPROCESSING_OPTIONS = ("num_frames", "stride", "crop_size", "min_resize", "max_tokens", "sample_rate",
-                          "space_to_depth")
+                          "space_to_depth", "frame_length", "frame_step", "num_mel_bins", "lower_edge_hertz",
+                          "upper_edge_hertz")
+# Run options that configure a view rather than the dataset.
+_VIDEO_OPTIONS = ("random_flip", "color_augmentation", "scale_jitter", "color_drop_prob")
+_AUDIO_OPTIONS = ("spec_augment",)
+_TEXT_OPTIONS = ("num_captions",)
 
 
-def _pipeline_settings(preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
-  """The `make_pretraining_dataset` arguments the model's preprocessing fixes (one source for all)."""
+def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
+  """MMV's views of a clip: frames, the log-mel of the same time span, K captions (Alayrac et al. 2020,
+  section 4.1), all sizes from the model's `preprocessing`, augmentations from the run's `options`."""
+  from mmv_tf.data import views
   p = preprocessing
-  return dict(num_frames=p["num_frames"], stride=p["stride"], crop_size=p["crop_size"],
-              min_resize=p["min_resize"], max_tokens=p["max_tokens"], sample_rate=p["sample_rate"],
-              log_mel_settings={k: p[k] for k in ("frame_length", "frame_step", "num_mel_bins",
-                                                   "lower_edge_hertz", "upper_edge_hertz")})
+  pick = lambda keys: {k: options[k] for k in keys if k in options}
+  log_mel = views.LogMel(**{k: p[k] for k in ("frame_length", "frame_step", "num_mel_bins", "lower_edge_hertz",
+                                              "upper_edge_hertz")})
+  return views.PipelineSpec(views=(
+      views.VideoView(num_frames=p["num_frames"], stride=p["stride"], crop_size=p["crop_size"],
+                      min_resize=p["min_resize"], **pick(_VIDEO_OPTIONS)),
+      views.AudioView(log_mel=log_mel, **pick(_AUDIO_OPTIONS)),
+      views.TextView(max_tokens=p["max_tokens"], **pick(_TEXT_OPTIONS))),
+      frame_rate=p["fps"], sample_rate=p["sample_rate"])
 
 
 def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_size: int = 200,
@@ -75,9 +87,10 @@ class MMVFamily(Family):
     if clash:
       raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
                        "of data settings for training, evaluation and export); set them there")
-    settings = _pipeline_settings(self.preprocessing(config))
+    spec = pipeline_spec(self.preprocessing(config), options)
+    rest = {k: v for k, v in options.items() if k not in _VIDEO_OPTIONS + _AUDIO_OPTIONS + _TEXT_OPTIONS}
     return functools.partial(pipeline.make_pretraining_dataset, file_patterns=file_patterns,
-                             vocabulary=vocabulary, seed=seed, **settings, **dict(options))
+                             vocabulary=vocabulary, seed=seed, spec=spec, **rest)
 
   def make_loss(self, config, *, temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0,
                 direction: str = "symmetric"):
