@@ -5,7 +5,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from mmv_tf.models.backbones.text import TextBackbone, load_word2vec
+from mmv_tf.data.word2vec import embedding_table as load_word2vec
+from mmv_tf.models.backbones.text import TextBackbone
 
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "dog", "Cat", "run"]
 

@@ -8,7 +8,7 @@ talks to a model only through this interface and never names a family.
 |---|---|---|
 | name, config | `name`, `complete_config(raw)` (defaults filled, unknown keys rejected); `preprocessing(config)` is the only source of data settings | every command, model dirs |
 | model | `build_model(config)` -> a built keras.Model (all variables created) | train, restore, import |
-| vocabulary | `vocabulary_size_key` (a config key to fill with the vocabulary size, or None) | train |
+| vocabulary | `vocabulary_size_key` (a config key to fill with the vocabulary size, or None); `set_word_vectors(model, table)` (word2vec) | train |
 | training data | `train_dataset_fn(config, *, file_patterns, vocabulary, seed, options)` | train |
 | loss, metrics | `make_loss(config, **loss_config)`, `make_metrics(config, **loss_config)` | train |
 | export | `signatures(model, *, tokenizer, image_model)` -> {name: `Signature`} (first = serving_default) | export, serve |
@@ -49,6 +49,10 @@ class Family:
 
   def build_model(self, config: Mapping[str, Any]):
     raise NotImplementedError
+
+  def set_word_vectors(self, model, table) -> None:
+    """Fills the model's word-embedding table ([vocabulary size, dim], e.g. from word2vec)."""
+    raise ValueError(f"the {self.name} family has no word-embedding table to fill from word2vec")
 
   def train_dataset_fn(self, config: Mapping[str, Any], *, file_patterns, vocabulary, seed: Optional[int],
                        options: Mapping[str, Any]) -> Callable[..., tf.data.Dataset]:

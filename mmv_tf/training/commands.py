@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data_dir", default=None,
                       help="a folder of `make-synthetic`/`make-dataset` shards: sets "
                       "train.train_files = DATA_DIR/train-*.tfrecord")
+  parser.add_argument("--word2vec", default=None,
+                      help="word2vec file (text or binary): the vocabulary and the frozen word table "
+                      "(sets train.word2vec)")
   parser.add_argument("--family", default=None,
                       help="model family (sets train.family; the gin files of a family set it already)")
   gin_utils.add_gin_arguments(parser)
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     params.append(f"train.train_files = '{os.path.join(args.data_dir, 'train-*.tfrecord')}'")
   if args.family:
     params.append(f"train.family = '{args.family}'")
+  if args.word2vec:
+    params.append(f"train.word2vec = '{args.word2vec}'")
   gin_utils.parse_gin(list(args.gin_file), params)
   chief = checkpointing.is_chief(strategy)
   if chief:  # the full config, in case the run dies early; replaced by the operative config below

@@ -84,9 +84,10 @@ def captions_from_records(file_patterns: Union[str, Sequence[str]]) -> List[str]
 
 
 def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[str]],
-                       train_files, max_vocab_size: Optional[int]) -> List[str]:
+                       train_files, max_vocab_size: Optional[int], word2vec: Optional[str] = None) -> List[str]:
   """The vocabulary of a run: the model dir's vocab.txt (resume), else `vocabulary` (a file or a
-  list), else one built from the training captions with the tokenizer's normalisation."""
+  list), else the words of the `word2vec` file (in its order, at most `max_vocab_size`), else one built
+  from the training captions with the tokenizer's normalisation."""
   from mmv_tf.data import text
   existing = os.path.join(model_dir, model_dir_lib.VOCAB_NAME)
   if tf.io.gfile.exists(existing):
@@ -95,6 +96,9 @@ def resolve_vocabulary(*, model_dir: str, vocabulary: Union[None, str, Sequence[
     return text.read_vocabulary(vocabulary)
   if vocabulary is not None:
     return list(vocabulary)
+  if word2vec is not None:
+    from mmv_tf.data import word2vec as word2vec_lib
+    return word2vec_lib.vocabulary_from_word2vec(word2vec, max_size=max_vocab_size)
   if train_files is None:
     raise ValueError("no vocabulary: pass `vocabulary` or `train_files` to build one from captions")
   return text.build_vocabulary(captions=captions_from_records(train_files), max_size=max_vocab_size)
@@ -233,6 +237,7 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
           train_files: Union[None, str, Sequence] = None,
           data_config: Optional[Mapping[str, Any]] = None,
           vocabulary: Union[None, str, Sequence[str]] = None, max_vocab_size: Optional[int] = None,
+          word2vec: Optional[str] = None,
           optimizer: str = "adam", learning_rate: float = 2e-3, schedule: str = "warmup_cosine",
           warmup_steps: int = 0, end_learning_rate: float = 0.0, weight_decay: float = 0.0,
           momentum: float = 0.9, clip_grad_norm: Optional[float] = None,
@@ -258,6 +263,9 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
       family's vocabulary-size key (e.g. MMV's `vocab_size`) None/0 = size of the vocabulary.
     loss_config: keyword arguments of the family's `make_loss` / `make_metrics` (MMV: temperature,
       va_weight, vt_weight, direction).
+    vocabulary, max_vocab_size, word2vec: the text vocabulary (see `resolve_vocabulary`). A `word2vec`
+      file (text or binary) also fills the family's word-embedding table at the start of a new run
+      (MMV and VATT: a frozen 2^16 x 300 table; `max_vocab_size` 65536).
     train_files / data_config: TFRecord patterns and the family's data options (shuffle buffer,
       augmentations, number of captions, mixture weights...; not the preprocessing settings).
     optimizer, learning_rate, schedule, warmup_steps, end_learning_rate, weight_decay, momentum,
@@ -301,8 +309,13 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
   vocab = None
   if fam is not None and fam.vocabulary_size_key and (model_builder is None or dataset_fn is None):
     vocab = resolve_vocabulary(model_dir=model_dir, vocabulary=vocabulary, train_files=train_files,
-                               max_vocab_size=max_vocab_size)
+                               max_vocab_size=max_vocab_size, word2vec=word2vec)
     model_config = _with_vocabulary_size(model_config, fam.vocabulary_size_key, len(vocab))
+  initialize_model = None
+  if word2vec is not None and tf.train.latest_checkpoint(model_dir) is None:
+    if vocab is None:
+      raise ValueError("word2vec needs a family with a word-embedding text tower and the vocabulary it sets")
+    initialize_model = _word2vec_initializer(fam, word2vec, vocab, print_fn if chief else None)
   if model_builder is None:
     model_config = fam.complete_config(model_config)
     _check_same_config(model_dir, fam, model_config)
@@ -338,6 +351,7 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
                 jit_compile=_default_jit(replicas) if jit_compile is None else jit_compile,
                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                 checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
+                initialize_model=initialize_model,
                 nan_policy=nan_policy, max_skipped_steps=max_skipped_steps, stop_request=stop_request,
                 on_step=on_step, print_fn=print_fn, initial_loss_scale=initial_loss_scale)
   finally:
@@ -347,6 +361,16 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
 
 def _default_jit(replicas: int) -> bool:
   return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
+
+
+def _word2vec_initializer(family, path: str, vocab: List[str], say):
+  """Fills the new model's word-embedding table from `path` (row i = the vector of vocab[i])."""
+  from mmv_tf.data import word2vec as word2vec_lib
+  table = word2vec_lib.embedding_table(path, vocab)
+  if say:
+    found = int((abs(table).sum(axis=1) > 0).sum())
+    say(f"word2vec {path}: {found} of {len(vocab)} vocabulary words have a vector ({table.shape[1]}-d)")
+  return lambda model: family.set_word_vectors(model, table)
 
 
 def _with_vocabulary_size(config: Dict[str, Any], key: str, size: int) -> Dict[str, Any]:
@@ -402,9 +426,11 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
          loss_fn, metrics_fn, optimizer_name, learning_rate, schedule, warmup_steps, end_learning_rate,
          weight_decay, momentum, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
          keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
-         stop_request, on_step, print_fn, initial_loss_scale) -> TrainResult:
+         stop_request, on_step, print_fn, initial_loss_scale, initialize_model=None) -> TrainResult:
   with strategy.scope():
     model = model_builder(**model_config)
+    if initialize_model is not None:  # a new run only: a resumed one restores every weight below
+      initialize_model(model)
     lr = schedules.make_schedule(name=schedule, peak=learning_rate, total_steps=max(steps, warmup_steps + 1),
                                  warmup_steps=warmup_steps, end=end_learning_rate)
     opt = optimizers.make_optimizer(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay,

@@ -81,6 +81,13 @@ class MMVFamily(Family):
   def build_model(self, config):
     return mmv_model.build_mmv_model(**config)
 
+  def set_word_vectors(self, model, table):
+    want = (model.vocab_size, model.text_backbone.embedding_dim)
+    if tuple(table.shape) != want:
+      raise ValueError(f"word2vec table {tuple(table.shape)} does not fit the text tower's {want} "
+                       "(model config vocab_size x embedding_dim)")
+    model.text_backbone.set_embeddings(table)
+
   def train_dataset_fn(self, config, *, file_patterns, vocabulary, seed, options):
     from mmv_tf.data import pipeline
     clash = sorted(set(options) & set(_PREPROCESSING_OPTIONS))

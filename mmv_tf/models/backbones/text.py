@@ -13,7 +13,7 @@ Keras sublayer -> Haiku module (prefix `text_audio_video/text_module/~/`):
 | `embed` (`embeddings` [V,300]) | `embed/embeddings` (65536,300), frozen in MMV |
 | `text_conv1` (`kernel` (1,300,2048), `bias`) | `text_conv1/w` (1,300,2048), `text_conv1/b` |
 
-`load_word2vec(path, vocabulary)` reads word2vec text or binary files into a [len(vocabulary), dim] table.
+`mmv_tf.data.word2vec.embedding_table(path, vocabulary)` reads word2vec files into a table for `set_embeddings`.
 """
 from __future__ import annotations
 
@@ -22,80 +22,6 @@ import keras
 import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
-
-
-def load_word2vec(path: str, vocabulary, *, lowercase_fallback: bool = True) -> np.ndarray:
-  """Embedding table [len(vocabulary), dim] (float32) from a word2vec file (text or binary format).
-
-  Row i holds the vector of vocabulary[i]; words missing from the file (and the `<pad>` token) get zeros. With
-  `lowercase_fallback`, a word missing verbatim takes the vector of its lowercase form. Text format: an optional
-  "count dim" header, then "word v1 ... vd" lines. Binary format (GoogleNews): header line, then for each word
-  "word " followed by dim little-endian float32. The format is detected from the bytes after the header.
-  """
-  index = {}
-  for i, word in enumerate(vocabulary):
-    index.setdefault(word, i)
-  lower = {}
-  if lowercase_fallback:
-    for i, word in enumerate(vocabulary):
-      lower.setdefault(word.lower(), []).append(i)
-  with tf.io.gfile.GFile(path, "rb") as f:
-    data = f.read()
-  header_end = data.index(b"\n")
-  header = data[:header_end].split()
-  vectors: dict[int, np.ndarray] = {}
-  fallback: dict[int, np.ndarray] = {}
-
-  def assign(word, vec):
-    if word in index:
-      vectors[index[word]] = vec
-    elif lowercase_fallback:
-      for i in lower.get(word.lower(), ()):
-        fallback.setdefault(i, vec)
-
-  dim = None
-  binary = False
-  if len(header) == 2 and all(h.isdigit() for h in header):
-    count, dim = int(header[0]), int(header[1])
-    body = data[header_end + 1:]
-    # Binary files have raw float bytes after "word "; text files are all printable lines of dim+1 tokens.
-    first_line = body[:body.find(b"\n")] if b"\n" in body else body
-    try:
-      binary = len(first_line.decode("utf-8").split()) != dim + 1
-    except UnicodeDecodeError:
-      binary = True
-  else:
-    count, body = None, data
-  if binary:
-    pos = 0
-    for _ in range(count):
-      space = body.index(b" ", pos)
-      word = body[pos:space].decode("utf-8", errors="ignore").strip()
-      start = space + 1
-      vec = np.frombuffer(body, dtype="<f4", count=dim, offset=start).astype(np.float32)
-      pos = start + 4 * dim
-      if pos < len(body) and body[pos:pos + 1] == b"\n":
-        pos += 1
-      assign(word, vec)
-  else:
-    for line in body.decode("utf-8").splitlines():
-      tokens = line.rstrip().split(" ")
-      if len(tokens) < 2:
-        continue
-      vec = np.asarray(tokens[1:], dtype=np.float32)
-      if dim is None:
-        dim = vec.shape[0]
-      if vec.shape[0] != dim:
-        raise ValueError(f"{path}: vector of {tokens[0]!r} has {vec.shape[0]} values, expected {dim}")
-      assign(tokens[0], vec)
-  if dim is None:
-    raise ValueError(f"{path}: no vectors found")
-  table = np.zeros((len(vocabulary), dim), np.float32)
-  for i, vec in fallback.items():
-    table[i] = vec
-  for i, vec in vectors.items():
-    table[i] = vec
-  return table
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
@@ -126,7 +52,7 @@ class TextBackbone(keras.Model):
     return self._output_dim
 
   def set_embeddings(self, table: np.ndarray) -> None:
-    """Loads a [vocab_size, embedding_dim] table (e.g. from `load_word2vec`)."""
+    """Loads a [vocab_size, embedding_dim] table (e.g. from `word2vec.embedding_table`)."""
     if not self.embed.built:
       self.embed.build((None, None))
     if tuple(table.shape) != (self.vocab_size, self.embedding_dim):
