@@ -98,7 +98,8 @@ def file_faults() -> List[FileFault]:
 
 def reset_file_faults() -> None:
   """Forgets the faults reported so far (tests; a new run in the same process)."""
-  with _LOCK, open(_fault_log(), "w"):
+  path = _fault_log()
+  with _LOCK, open(path, "w"):
     pass
 
 
