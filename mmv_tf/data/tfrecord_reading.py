@@ -30,6 +30,7 @@ is not (SerializeIterator fails with "EagerPyFunc is stateful").
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import os
@@ -76,7 +77,15 @@ def _fault_log() -> str:
     if _FAULT_LOG is None:
       handle, _FAULT_LOG = tempfile.mkstemp(prefix=f"mmv_tf_file_faults_{os.getpid()}_", suffix=".tsv")
       os.close(handle)
+      atexit.register(_remove_quietly, _FAULT_LOG)
     return _FAULT_LOG
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
 
 
 def file_faults() -> List[FileFault]:
@@ -84,12 +93,12 @@ def file_faults() -> List[FileFault]:
   read in several epochs or pipelines is listed once."""
   path = _fault_log()
   with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines()
+    lines = f.read().split("\n")[:-1]  # the last piece is empty, or a line still being appended
   seen, out = set(), []
   for line in lines:
     parts = line.split(_FIELD_SEP)
     if len(parts) != 3 or parts[0] in seen:
-      continue  # a line cut by a concurrent append is read again once complete
+      continue
     seen.add(parts[0])
     offset = int(parts[2])
     out.append(FileFault(path=parts[0], reason=parts[1], offset=None if offset < 0 else offset))
@@ -149,7 +158,7 @@ class TFRecordFiles:
   Use `files()` as the (shuffleable) dataset of files, `read_file` as the interleave/flat_map function,
   then `records(...)` on the interleaved stream; or `dataset()` for all records in file order.
   `strict`: fail at the first fault, naming the file and offset. `max_bad_files`: fail once more
-  files than this have a fault; None = no limit, but a source whose every file is damaged or empty
+  files than this (of this reader: one source of one input pipeline) have a fault; None = no limit, but a source whose every file is damaged or empty
   always fails (a repeated training source would otherwise loop forever without producing a record).
   """
 
