@@ -195,3 +195,40 @@ def test_reader_skips_rest_of_file_and_keeps_order(shards, tmp_path):
   assert faults_by_path()[missing].offset is None
   with pytest.raises(ValueError):
     tfrecord_reading.TFRecordFiles([shards["good0"]], max_bad_files=-1)
+
+
+def _raw_shard(path, n=4):
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for i in range(n):
+      writer.write(f"record-{i}".encode() * (i + 3))
+  return str(path)
+
+
+# (how the bytes of record 2 are damaged, offset within the record) -> records 0 and 1 survive. The
+# framing is 8 bytes length, 4 bytes length CRC, the data, 4 bytes data CRC.
+DAMAGE = {
+    "cut in the length": ("cut", 5),
+    "cut in the data": ("cut", 14),
+    "cut before the data CRC": ("cut", -4),
+    "flipped length": ("flip", 0),
+    "flipped length CRC": ("flip", 9),
+    "flipped data byte": ("flip", 13),
+    "flipped data CRC": ("flip", -1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_every_framing_fault_keeps_the_records_before_it(case, tmp_path):
+  path = _raw_shard(tmp_path / "raw.tfrecord")
+  starts = record_starts(path)
+  kind, at = DAMAGE[case]
+  at = starts[2] + at if at >= 0 else starts[3] + at
+  data = bytearray(open(path, "rb").read())
+  if kind == "cut":
+    data = data[:at]
+  else:
+    data[at] ^= 0x10
+  open(path, "wb").write(bytes(data))
+  reader = tfrecord_reading.TFRecordFiles([path, _raw_shard(tmp_path / "next.tfrecord", n=1)])
+  assert list(reader.dataset().as_numpy_iterator()) == [b"record-0" * 3, b"record-1" * 4, b"record-0" * 3]
+  assert faults_by_path()[path].offset == starts[2]
