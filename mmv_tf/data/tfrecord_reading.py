@@ -15,10 +15,11 @@ Faults and how they are detected (TF 2.17 behaviour, checked by tests/test_damag
   less than its size stopped at a fault; that sum is the byte offset of the first unreadable record.
   Sizes are read once when the pipeline is built (`tf.io.gfile.stat`); a file that changes size later
   is judged against its old size.
-* Missing, vanished or unreadable file: `TFRecordDataset` raises on every `GetNext` without moving on,
-  so `ignore_errors` would loop forever. Each file is therefore first opened by a probe inside a `map`
-  (a failing map drops one element, no retry) and only read when the probe succeeded. A file that
-  vanishes between the probe and the read (microseconds apart) would still hang the reader.
+* Missing or vanished file: `TFRecordDataset` raises on every `GetNext` without moving on (opening
+  fails before the file index advances), so `ignore_errors` would loop forever. Each file is therefore
+  first looked up (`tf.io.matching_files` on the escaped name, inside a `map`, where an error drops one
+  element and is not retried) and only read when it exists. A file that vanishes between the lookup
+  and the open (microseconds apart), or exists without read permission, would still hang the reader.
 * Zero-length file: no records; reported as an empty file, not counted as a fault.
 
 Each reported file yields a marker element after its records; `records()` turns markers into checks
