@@ -139,10 +139,9 @@ def _opens(path: tf.Tensor) -> tf.Tensor:
 
 def _verdict(*, opened, size, consumed) -> tf.Tensor:
   """Marker code once a file's records are exhausted (`consumed` = bytes of the records read)."""
-  return tf.case([(tf.logical_not(opened), lambda: tf.constant(UNOPENABLE)),
-                  (consumed < size, lambda: tf.constant(UNREADABLE)),
-                  (tf.equal(size, 0), lambda: tf.constant(EMPTY))],
-                 default=lambda: tf.constant(CLEAN_END))
+  # Nested selects rather than tf.case: this runs for every record (a cond costs more than the math).
+  return tf.where(tf.logical_not(opened), UNOPENABLE,
+                  tf.where(consumed < size, UNREADABLE, tf.where(tf.equal(size, 0), EMPTY, CLEAN_END)))
 
 
 def _is_record(record, is_record):
@@ -159,8 +158,10 @@ class TFRecordFiles:
   Use `files()` as the (shuffleable) dataset of files, `read_file` as the interleave/flat_map function,
   then `records(...)` on the interleaved stream; or `dataset()` for all records in file order.
   `strict`: fail at the first fault, naming the file and offset. `max_bad_files`: fail once more
-  files than this (of this reader: one source of one input pipeline) have a fault; None = no limit, but a source whose every file is damaged or empty
-  always fails (a repeated training source would otherwise loop forever without producing a record).
+  files than this (of this reader: one source of one input pipeline) have a fault; None = no limit,
+  but a source whose every file is damaged or empty always fails (a repeated training source would
+  otherwise loop forever without producing a record). Cost: about 0.1 ms of CPU per record on top of
+  `TFRecordDataset` (2-core development machine), small next to decoding a clip.
   """
 
   def __init__(self, files: Sequence[str], *, strict: bool = False, max_bad_files: Optional[int] = None,
@@ -199,8 +200,7 @@ class TFRecordFiles:
 
     def account(consumed, element):
       record, nbytes, is_end = element
-      code = tf.cond(is_end, lambda: _verdict(opened=opened, size=size, consumed=consumed),
-                     lambda: tf.constant(RECORD))
+      code = tf.where(is_end, _verdict(opened=opened, size=size, consumed=consumed), RECORD)
       return consumed + nbytes, (record, index, code, consumed)
 
     out = records.concatenate(end).scan(tf.constant(0, tf.int64), account)
