@@ -22,7 +22,7 @@ import numpy as np
 
 
 def _model(args):
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   video_kwargs = {"width_multiplier": args.width} if args.width else {}
   cfg = mmv.tiny_mmv_config(100, video_backbone=args.backbone, video_kwargs=video_kwargs, crop_size=args.crop,
                             stride=args.stride)

@@ -98,7 +98,7 @@ def _executed_flops(concrete) -> float:
 
 
 def _model_config(spec):
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   if spec["kind"] == "gin":
     import gin
     from mmv_tf import gin_utils
@@ -118,7 +118,7 @@ def run_one(name: str, steps: int, jit: bool) -> dict:
   import keras
   import tensorflow as tf
   from mmv_tf import losses
-  from mmv_tf.models import mmv
+  from mmv_tf.families.mmv import model as mmv
   spec = CONFIGS[name]
   config = _model_config(spec)
   model = mmv.build_mmv_model(**config)

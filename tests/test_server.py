@@ -128,6 +128,11 @@ def test_rest_round_trips(served, tiny):
 BAD_REQUESTS = [
     ("wrong dtype", "video", {"video": np.zeros((1, 8, 32, 32, 3), np.int32)},
      "signature 'video', input 'video': wrong dtype: expected float32 [?,8,?,?,3], got int32"),
+    # TF Serving casts nothing: an int64 TensorProto for the int32 input is refused (not narrowed).
+    ("int64 ids for int32 input", "text_ids", {"word_ids": np.full((1, 16), 4, np.int64)},
+     "signature 'text_ids', input 'word_ids': wrong dtype: expected int32 [?,16], got int64 [1,16]"),
+    ("float64 for float32 input", "audio", {"audio": np.zeros((1, 4096), np.float64)},
+     "signature 'audio', input 'audio': wrong dtype: expected float32 [?,?], got float64 [1,4096]"),
     ("wrong rank", "video", {"video": np.zeros((1, 32, 32, 3), np.float32)},
      "signature 'video', input 'video': wrong rank: expected float32 [?,8,?,?,3], got float32 [1,32,32,3]"),
     ("wrong static dim", "video", {"video": np.zeros((1, 4, 32, 32, 3), np.float32)},

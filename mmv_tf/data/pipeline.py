@@ -34,6 +34,7 @@ from mmv_tf.data import features as F
 from mmv_tf.data import processors
 from mmv_tf.data import schema
 from mmv_tf.data import text as text_lib
+from mmv_tf.data import tfrecord_reading
 from mmv_tf.data import views as views_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -515,23 +516,28 @@ def _shard_files(files: List[str], input_context) -> tuple:
 def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: bool, seed: Optional[int],
                    salt: int, input_context, shuffle_buffer: int, skip_bad_records: bool,
                    counter: Optional[BadRecordCounter], count_in_elements: bool,
-                   num_parallel_reads: Optional[int]) -> tf.data.Dataset:
+                   num_parallel_reads: Optional[int], max_bad_files: Optional[int],
+                   strict_files: bool) -> tf.data.Dataset:
   """One source: files -> (shuffled) interleaved records -> processed examples (unbatched)."""
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
   files, shard_records = _shard_files(files, input_context)
   base = _base_seed(seed, salt, pipeline_id)
   deterministic = seed is not None or not is_training
-  ds = tf.data.Dataset.from_tensor_slices(files)
+  # Damaged files lose only their unreadable part (tfrecord_reading.py); not skipping bad records
+  # makes a damaged file fatal too.
+  reading = tfrecord_reading.TFRecordFiles(files, strict=strict_files or not skip_bad_records,
+                                           max_bad_files=max_bad_files)
+  ds = reading.files()
   if is_training:
     ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
   # Training interleaves shards in parallel; evaluation reads them one after another (file order).
   cycle = min(len(files), num_parallel_reads or 8) if is_training else 1
-  read = lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20)
   if cycle > 1:
-    ds = ds.interleave(read, cycle_length=cycle, block_length=1, num_parallel_calls=AUTOTUNE,
-                       deterministic=deterministic)
+    ds = ds.interleave(reading.read_file, cycle_length=cycle, block_length=1,
+                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   else:
-    ds = ds.flat_map(read)
+    ds = ds.flat_map(reading.read_file)
+  ds = reading.records(ds)
   if shard_records:
     ds = ds.shard(input_context.num_input_pipelines, pipeline_id)
   if is_training and shuffle_buffer > 1:
@@ -573,7 +579,8 @@ def make_pretraining_dataset(
     seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
-    num_parallel_reads: Optional[int] = None,
+    num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
+    strict_files: bool = False,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
 
@@ -588,6 +595,13 @@ def make_pretraining_dataset(
   Bad records are skipped (`skip_bad_records`) and counted in `num_bad_records`, which keeps the
   iterator checkpointable; `bad_record_counter` additionally counts them in a host variable, which
   makes it uncheckpointable (the trainer then restarts the input pipeline on resume).
+
+  Damaged files (truncated, corrupted length/CRC, garbage, vanished; `tfrecord_reading.py`): the
+  records before the fault are used, the rest of the file is skipped, and a warning names the file
+  once (`tfrecord_reading.file_faults()` lists them). `max_bad_files` (per source; None = no limit)
+  fails once more files are damaged; a source whose every file is damaged or empty always fails.
+  `strict_files` (or `skip_bad_records=False`) fails at the first damaged file, naming it and the
+  byte offset.
 
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
   one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
@@ -618,7 +632,8 @@ def make_pretraining_dataset(
       _read_examples(files=list_files(src), processor=processor, is_training=True, seed=seed, salt=i,
                      input_context=input_context, shuffle_buffer=shuffle_buffer,
                      skip_bad_records=skip_bad_records, counter=bad_record_counter,
-                     count_in_elements=True, num_parallel_reads=num_parallel_reads)
+                     count_in_elements=True, num_parallel_reads=num_parallel_reads,
+                     max_bad_files=max_bad_files, strict_files=strict_files)
       for i, src in enumerate(sources)]
   if len(datasets) == 1:
     ds = datasets[0]
@@ -645,9 +660,11 @@ def make_eval_dataset(
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
     space_to_depth: bool = False, log_mel_settings: Optional[Mapping[str, float]] = None,
     spec: Optional[views_lib.PipelineSpec] = None,
-    input_context: Optional[tf.distribute.InputContext] = None, drop_remainder: bool = False, skip_bad_records: bool = True,
+    input_context: Optional[tf.distribute.InputContext] = None, drop_remainder: bool = False,
+    skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None,
-    num_parallel_reads: Optional[int] = None,
+    num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
+    strict_files: bool = False,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """One pass, in file order, deterministic: N linearly spaced clips per video, central crop.
 
@@ -655,6 +672,7 @@ def make_eval_dataset(
 
   Keys: `video` [B,N,T,H,W,3], `log_mel` [B,N,F,80,1], `audio` [B,N,S] (with_waveform), `text_ids`
   [B,K,L], `text_mask` [B,K], `has_text` [B], `caption` [B,K] strings (first K captions), `label` [B].
+  Damaged files, `max_bad_files`, `strict_files`: as in `make_pretraining_dataset`.
   """
   if spec is None:
     spec = spec_from_flags(
@@ -671,7 +689,8 @@ def make_eval_dataset(
                       salt=0, input_context=input_context, shuffle_buffer=0,
                       skip_bad_records=skip_bad_records,
                       counter=bad_record_counter or _DEFAULT_COUNTER, count_in_elements=False,
-                      num_parallel_reads=num_parallel_reads)
+                      num_parallel_reads=num_parallel_reads, max_bad_files=max_bad_files,
+                      strict_files=strict_files)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
   return ds.with_options(_options(True))
 

@@ -13,7 +13,8 @@ It serves the newest integer version under `--model_base_path`, polls for new ve
 make a version appear whole), replays `assets.extra/tf_serving_warmup_requests` before a version becomes
 AVAILABLE, optionally batches concurrent requests (`--enable_batching`), and bounds request sizes and
 concurrency. Bad requests get INVALID_ARGUMENT (HTTP 400) naming the signature, input and expected
-dtype/shape; the server keeps serving.
+dtype/shape; the server keeps serving. A gRPC TensorProto whose dtype differs from the signature's
+(e.g. int64 for int32 `word_ids`) is rejected, not cast, as TF Serving does.
 """
 from __future__ import annotations
 
@@ -552,6 +553,12 @@ def _grpc_servicers(manager: ModelManager):
             out[key] = tensor_proto_to_array(proto)
           except Exception as e:  # malformed TensorProto (content/shape mismatch, bad dtype)
             raise invalid(f"{runner._where(key)}: cannot read the TensorProto: {e}") from None
+          spec = runner.inputs[key]
+          if proto.dtype != spec.dtype.as_datatype_enum:
+            # Stock TF Serving rejects a TensorProto of another dtype instead of casting it (an int64
+            # id tensor for int32 `word_ids` included). REST is not checked here: JSON numbers carry
+            # no dtype and are converted to the signature's, as TF Serving does.
+            runner._reject(key, "wrong dtype", spec, out[key])
         return out
 
       spec = request.model_spec

@@ -69,13 +69,15 @@ class TrainResult:
 def captions_from_records(file_patterns: Union[str, Sequence[str]]) -> List[str]:
   """All `caption/string` values of the SequenceExamples matched by `file_patterns`, in file order.
 
-  Records that do not parse are skipped (as the training pipeline skips them).
+  Records that do not parse are skipped, and so is the unreadable rest of a damaged file (as the
+  training pipeline skips them; `tfrecord_reading.file_faults()` names the files).
   """
   from mmv_tf.data import schema
+  from mmv_tf.data import tfrecord_reading
   files = pipeline.list_files(file_patterns)
   spec = {schema.CAPTION: tf.io.VarLenFeature(tf.string)}
   captions: List[str] = []
-  ds = tf.data.TFRecordDataset(files).map(
+  ds = tfrecord_reading.TFRecordFiles(files).dataset().map(
       lambda s: tf.sparse.to_dense(tf.io.parse_single_sequence_example(s, context_features=spec)[0][
           schema.CAPTION], default_value=b"")).ignore_errors(log_warning=True)
   for row in ds.as_numpy_iterator():
