@@ -10,7 +10,7 @@ talks to a model only through this interface and never names a family.
 | model | `build_model(config)` -> a built keras.Model (all variables created) | train, restore, import |
 | vocabulary | `vocabulary_size_key` (a config key to fill with the vocabulary size, or None); `set_word_vectors(model, table)` (word2vec) | train |
 | training data | `train_dataset_fn(config, *, file_patterns, vocabulary, seed, options)` | train |
-| loss, metrics | `make_loss(config, **loss_config)`, `make_metrics(config, **loss_config)` | train |
+| loss, metrics | `make_loss(config, **loss_config)`, `make_metrics(config, **loss_config)`; `optimizer_options(config)` | train |
 | export | `signatures(model, *, tokenizer, image_model)` -> {name: `Signature`} (first = serving_default) | export, serve |
 | image network | `image_model(model_dir, model)` -> (image network, None) or (None, reason); `deflation_source(model)` | export, evaluate, deflate |
 | evaluation | `embedder(model, *, image_model, vocabulary_path)`; `embedding_spaces` | evaluate, query |
@@ -61,6 +61,10 @@ class Family:
 
   def make_loss(self, config: Mapping[str, Any], **loss_config) -> LossFn:
     raise NotImplementedError
+
+  def optimizer_options(self, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Extra `optimizers.make_optimizer` arguments the family needs (the run's `optimizer_options` win)."""
+    return {}
 
   def make_metrics(self, config: Mapping[str, Any], **loss_config) -> Optional[MetricsFn]:
     return None

@@ -243,6 +243,7 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
           optimizer: str = "adam", learning_rate: float = 2e-3, schedule: str = "warmup_cosine",
           warmup_steps: int = 0, end_learning_rate: float = 0.0, weight_decay: float = 0.0,
           momentum: float = 0.9, clip_grad_norm: Optional[float] = None,
+          optimizer_options: Optional[Mapping[str, Any]] = None,
           strategy: Union[None, str, tf.distribute.Strategy] = None, tpu: Optional[str] = None,
           mixed_precision: Optional[str] = None, initial_loss_scale: float = 2.0 ** 15,
           jit_compile: Optional[bool] = None,
@@ -273,6 +274,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
     optimizer, learning_rate, schedule, warmup_steps, end_learning_rate, weight_decay, momentum,
       clip_grad_norm: see `optimizers.make_optimizer` and `schedules.make_schedule`; clipping is by
       the global norm of the global gradient.
+    optimizer_options: more `make_optimizer` arguments (nesterov, trust_coefficient, gradient_scales...)
+      over the family's own (`Family.optimizer_options`, e.g. a predictor's gradient scale).
     strategy: a Strategy or a name for `make_strategy` (default: the current strategy).
     mixed_precision: None (float32), "mixed_bfloat16" or "mixed_float16": the Keras global dtype
       policy while the model is built and trained (float32 variables, bfloat16/float16 compute;
@@ -333,6 +336,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
     # A custom model_builder may take a partial config: the data settings are the completed config's.
     dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
                                       vocabulary=vocab, seed=seed, options=dict(data_config or {}))
+  optimizer_options = {**(fam.optimizer_options(model_config) if fam is not None else {}),
+                       **dict(optimizer_options or {})}
   if loss_fn is None:
     loss_fn = fam.make_loss(model_config, **loss_config)
     if metrics_fn is None:
@@ -349,7 +354,7 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
                 loss_fn=loss_fn, metrics_fn=metrics_fn, optimizer_name=optimizer,
                 learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
                 end_learning_rate=end_learning_rate, weight_decay=weight_decay, momentum=momentum,
-                clip_grad_norm=clip_grad_norm, loss_scaling=mixed_precision == "mixed_float16",
+                optimizer_options=optimizer_options, clip_grad_norm=clip_grad_norm, loss_scaling=mixed_precision == "mixed_float16",
                 jit_compile=_default_jit(replicas) if jit_compile is None else jit_compile,
                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                 checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
@@ -426,7 +431,7 @@ def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> Non
 
 def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_config, dataset_fn,
          loss_fn, metrics_fn, optimizer_name, learning_rate, schedule, warmup_steps, end_learning_rate,
-         weight_decay, momentum, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
+         weight_decay, momentum, optimizer_options, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
          keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
          stop_request, on_step, print_fn, initial_loss_scale, initialize_model=None) -> TrainResult:
   with strategy.scope():
@@ -436,7 +441,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
     lr = schedules.make_schedule(name=schedule, peak=learning_rate, total_steps=max(steps, warmup_steps + 1),
                                  warmup_steps=warmup_steps, end=end_learning_rate)
     opt = optimizers.make_optimizer(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay,
-                                    momentum=momentum)
+                                    momentum=momentum, **optimizer_options)
     if loss_scaling:
       opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=initial_loss_scale)
     optimizers.exclude_biases_and_norms(opt, model.trainable_variables)
