@@ -231,18 +231,26 @@ def color_augment(frames, *, seed, prob: float = COLOR_AUGMENT_PROB,
 
 
 def space_to_depth(frames, *, temporal_block: int = 2, spatial_block: int = 2) -> tf.Tensor:
-  """[..., T,H,W,C] -> [..., T/bt, H/bs, W/bs, bt*bs*bs*C] with channel ((dt*bs + dh)*bs + dw)*C + c.
+  """[..., T,H,W,C] -> [..., T/bt, H/bs, W/bs, bt*bs*bs*C] with channel ((dt*bs + dh)*bs + dw)*C + c:
 
-  The layout the released S3D-G (MMV) weights expect (reference/mmv.md 4.3).
+      y[..., l, h, w, ((dt*bs + dh)*bs + dw)*C + c] = x[..., bt*l + dt, bs*h + dh, bs*w + dw, c]
+
+  The layout the released S3D-G (MMV) weights expect (docs/models.md). T and C must be static (T a
+  multiple of `temporal_block`); the leading dims, H and W may be dynamic. The model's `SpaceToDepth`
+  layer and the input pipeline both use this one function.
   """
   frames = tf.convert_to_tensor(frames)
-  lead = tf.shape(frames)[:-4]
-  t, h, w, c = frames.shape[-4:]
+  t, c = frames.shape[-4], frames.shape[-1]
   bt, bs = temporal_block, spatial_block
+  if t is None or c is None:
+    raise ValueError(f"space_to_depth needs static T and C, got shape {frames.shape}")
+  if t % bt:
+    raise ValueError(f"T={t} is not a multiple of the temporal block {bt}")
+  dyn = tf.shape(frames)
+  lead, h, w = dyn[:-4], dyn[-3], dyn[-2]
   x = tf.reshape(frames, tf.concat([lead, [t // bt, bt, h // bs, bs, w // bs, bs, c]], 0))
   r = len(frames.shape) - 4
-  perm = list(range(r)) + [r + i for i in (0, 2, 4, 1, 3, 5, 6)]
-  x = tf.transpose(x, perm)
+  x = tf.transpose(x, list(range(r)) + [r + i for i in (0, 2, 4, 1, 3, 5, 6)])  # [..., T',H',W',dt,dh,dw,C]
   return tf.reshape(x, tf.concat([lead, [t // bt, h // bs, w // bs, bt * bs * bs * c]], 0))
 
 

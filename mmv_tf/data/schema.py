@@ -1,4 +1,4 @@
-"""The TFRecord contract (DESIGN.md section 4): DMVR-compatible `tf.train.SequenceExample` keys.
+"""The TFRecord contract (docs/data_format.md): DMVR-compatible `tf.train.SequenceExample` keys.
 
 One record is one clip. Every reader and writer in the package uses these constants instead of string
 literals, so the layout lives in exactly one place. Records written with these keys are readable by

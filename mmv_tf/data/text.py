@@ -2,7 +2,7 @@
 
 The same `WordTokenizer` runs eagerly, inside `tf.data` and inside exported SavedModels served by stock
 TF Serving, so it only emits core TF ops plus `CaseFoldUTF8` from TF Text (`normalize_ops`, linked into
-`tensorflow_model_server` since 2.2; see reference/serving-and-data.md 3.3). Splitting uses core
+`tensorflow_model_server` since 2.2; docs/serving.md). Splitting uses core
 `tf.strings.split` rather than `text.WhitespaceTokenizer`, whose V2 kernel is newer than the TF Text 2.12
 kernels bundled with TF Serving 2.17-2.19.
 

@@ -9,7 +9,7 @@ A user with the videos runs (docs/evaluation.md):
     mmv-tf evaluate --saved_model export/1 --gin_file eval/mmv_ucf101.gin --output eval_ucf101 \
         --gin_param "evaluate.train_pattern='data/ucf101/split1/train/*.tfrecord'" ...
 
-Manifest columns (issue 2): `video,start,end,caption,label`; we write `video` (absolute path) and
+Manifest columns (docs/data_format.md): `video,start,end,caption,label`; we write `video` (absolute path) and
 `label` (class name). `make-dataset` numbers labels by sorted class name; every class of UCF101 and
 HMDB51 occurs in both the train and the test list of every split, so both conversions get the same
 indices. The class names, in that order, are also written to `<prefix>_labels.txt`.
@@ -30,7 +30,6 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
-MANIFEST_COLUMNS = ("video", "start", "end", "caption", "label")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Deflation: build the 2-D image network from a trained video network, then refit BN gamma/beta (reference §12).
+"""Deflation: build the 2-D image network from a trained video network, then refit BN gamma/beta (Alayrac et
+al. 2020 §3.3; docs/models.md).
 
 `deflate(video_model)` returns the same backbone class built with `deflated=True` (input images [B,H,W,3] in
 [0,1], same output keys) and fills its weights from the video network:
@@ -117,7 +118,7 @@ def refit_batch_norm(*, video_model, image_model, images, num_frames: int, steps
                      learning_rate: float = 1e-3, batch_size: int = 8, seed: int = 0) -> dict[str, float]:
   """Trains only the image network's BN gamma/beta so that its features match the video network's on still videos.
 
-  Objective (reference §12.1): min_{gamma,beta} E_img |f_image(img) - f_video(repeat_T(img))|_1 (mean over feature
+  Objective (Alayrac et al. 2020 §3.3): min_{gamma,beta} E_img |f_image(img) - f_video(repeat_T(img))|_1 (mean over feature
   dimensions), every other weight frozen, BN in inference mode (moving statistics unchanged), Adam.
   Returns {'l1_before', 'l1_after'} measured on `images`.
   """

@@ -27,8 +27,6 @@ import keras
 
 from mmv_tf.models import layers
 
-_TRUNC_STD = 0.87962566103423978
-
 
 def parse_head_mode(mode: str) -> tuple[str, tuple[int, ...], bool]:
   """`'linear'` → ('linear', (), False); `'mlp@512'` → ('mlp', (512,), True); `'mlp_nobn@..'` → no inner BN."""
@@ -42,16 +40,6 @@ def parse_head_mode(mode: str) -> tuple[str, tuple[int, ...], bool]:
   except ValueError:
     raise ValueError(f"bad hidden widths in head mode {mode!r}") from None
   return "mlp", widths, parts[0] == "mlp"
-
-
-def haiku_linear_init() -> keras.initializers.Initializer:
-  """hk.Linear's default: truncated normal (at 2 std) with stddev 1/sqrt(fan_in).
-
-  Keras' truncated VarianceScaling divides the stddev by 0.8796 (the std of a 2-sigma truncated normal), so
-  scale = 0.8796² gives Haiku's distribution exactly.
-  """
-  return keras.initializers.VarianceScaling(scale=_TRUNC_STD**2, mode="fan_in",
-                                            distribution="truncated_normal")
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
@@ -72,13 +60,13 @@ class EmbeddingHead(keras.layers.Layer):
     for i, width in enumerate(widths):
       suffix = "" if i == 0 else f"_{i}"
       self.inner_projections.append(keras.layers.Dense(
-          width, use_bias=True, kernel_initializer=haiku_linear_init(),
+          width, use_bias=True, kernel_initializer=layers.haiku_linear_initializer(),
           name=f"final_projection_inner{suffix}"))
       if inner_bn:
         self.inner_norms.append(layers.batch_norm(synchronized=synchronized, name=f"inner_bn{suffix}"))
     self.final_use_bias = not (kind == "mlp" and self.bn_after_proj)
     self.final_projection = keras.layers.Dense(
-        self.output_dim, use_bias=self.final_use_bias, kernel_initializer=haiku_linear_init(),
+        self.output_dim, use_bias=self.final_use_bias, kernel_initializer=layers.haiku_linear_initializer(),
         name="final_projection")
     self.output_norm = (layers.batch_norm(synchronized=synchronized, name="output_bn")
                         if self.bn_after_proj else None)

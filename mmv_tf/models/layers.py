@@ -13,12 +13,12 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from mmv_tf.data import processors
+
 # MMV's Haiku BatchNorm: decay 0.9, eps 1e-5, scale and offset (Keras' default epsilon is 1e-3).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-# Haiku's default conv / linear initialisers (for from-scratch training, reference §11).
-CONV_INITIALIZER = "variance_scaling"  # VarianceScaling(1.0, fan_in, truncated_normal)
 
 
 def batch_norm(*, synchronized: bool = True, name: str | None = None, **kwargs) -> keras.layers.BatchNormalization:
@@ -32,35 +32,26 @@ def conv_initializer() -> keras.initializers.Initializer:
   return keras.initializers.VarianceScaling(scale=1.0, mode="fan_in", distribution="truncated_normal")
 
 
-def linear_initializer(fan_in: int) -> keras.initializers.Initializer:
-  """Haiku's Linear default: TruncatedNormal(stddev = 1/sqrt(fan_in))."""
-  return keras.initializers.TruncatedNormal(stddev=1.0 / max(fan_in, 1) ** 0.5)
+# The std of a standard normal truncated at +-2 (Keras' truncated VarianceScaling divides by it).
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def haiku_linear_initializer() -> keras.initializers.Initializer:
+  """hk.Linear's default: a normal truncated at 2 std with stddev 1/sqrt(fan_in) before truncation.
+
+  Keras' truncated VarianceScaling divides the stddev by 0.8796 (the std of a 2-sigma truncated normal),
+  so scale = 0.8796^2 gives Haiku's distribution exactly.
+  """
+  return keras.initializers.VarianceScaling(scale=_TRUNCATED_STD ** 2, mode="fan_in",
+                                            distribution="truncated_normal")
 
 
 def space_to_depth(x: tf.Tensor, *, temporal_block: int = 2, spatial_block: int = 2) -> tf.Tensor:
-  """Folds (dt, dh, dw) offsets into channels, dt slowest and c fastest (reference §4.3).
-
-  y[b, l, h, w, ((dt*bs + dh)*bs + dw)*C + c] = x[b, bt*l + dt, bs*h + dh, bs*w + dw, c].
-  Rank-4 input [B,H,W,C] is treated spatially only: y[b,h,w,(dh*bs + dw)*C + c].
-  T must be static (a multiple of temporal_block); H and W may be dynamic.
-  """
-  bt, bs = temporal_block, spatial_block
+  """`processors.space_to_depth` on [B,T,H,W,C]; a rank-4 input [B,H,W,C] is folded spatially only:
+  y[b,h,w,(dh*bs + dw)*C + c]."""
   if x.shape.rank == 4:
-    x = x[:, None]
-    bt, squeeze = 1, True
-  else:
-    squeeze = False
-  t, c = x.shape[1], x.shape[-1]
-  if t is None or c is None:
-    raise ValueError(f"space_to_depth needs static T and C, got shape {x.shape}")
-  if t % bt:
-    raise ValueError(f"T={t} is not a multiple of the temporal block {bt}")
-  dyn = tf.shape(x)
-  h, w = dyn[2], dyn[3]
-  x = tf.reshape(x, [-1, t // bt, bt, h // bs, bs, w // bs, bs, c])
-  x = tf.transpose(x, [0, 1, 3, 5, 2, 4, 6, 7])  # [B, T', H', W', dt, dh, dw, C]
-  x = tf.reshape(x, [-1, t // bt, h // bs, w // bs, bt * bs * bs * c])
-  return x[:, 0] if squeeze else x
+    return processors.space_to_depth(x[:, None], temporal_block=1, spatial_block=spatial_block)[:, 0]
+  return processors.space_to_depth(x, temporal_block=temporal_block, spatial_block=spatial_block)
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
@@ -80,7 +71,7 @@ class SpaceToDepth(keras.layers.Layer):
 
 
 def temporal_shift(x: tf.Tensor, *, num_frames: int, shift_fraction: float = 0.125) -> tf.Tensor:
-  """MMV's temporal shift on batch-major frames x [B*T,H,W,C] (reference §5.4).
+  """MMV's temporal shift on batch-major frames x [B*T,H,W,C] (Lin et al. 2019, "TSM"; docs/models.md).
 
   With n = int(C * shift_fraction), for every frame t:
     out[t][..., :n]     = x[t+1][..., C-n:]  (zeros at t = T-1)
@@ -137,7 +128,7 @@ class SelfGating(keras.layers.Layer):
 
   def build(self, input_shape):
     c = input_shape[-1]
-    self.kernel = self.add_weight(name="kernel", shape=(c, c), initializer=linear_initializer(c))
+    self.kernel = self.add_weight(name="kernel", shape=(c, c), initializer=haiku_linear_initializer())
     self.bias = self.add_weight(name="bias", shape=(c,), initializer="zeros")
 
   def call(self, x):
@@ -148,7 +139,7 @@ class SelfGating(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
 class PreActBottleneck(keras.layers.Layer):
-  """ResNet-v2 bottleneck (reference §5.2 / §6.1), shared by TSM-ResNet and the audio ResNet.
+  """ResNet-v2 bottleneck (He et al. 2016, "Identity Mappings in Deep Residual Networks"), shared by TSM-ResNet and the audio ResNet.
 
     a = relu(batch_norm(x));  s = shortcut_conv(a) if use_projection else x   # projection from the pre-activation
     a = temporal_shift(a)                       # only if shift_fraction > 0 (TSM), after the shortcut was taken
@@ -205,7 +196,7 @@ def haiku_bn_names(layer_name: str) -> str:
 
 
 # Keras variable name -> Haiku (module suffix, parameter name). BN moving statistics map to the zero-debiased
-# EMA `average` in the Haiku *state* (never `hidden`, reference §16.3).
+# EMA `average` in the Haiku *state* (never `hidden`; docs/checkpoints.md).
 HAIKU_VARIABLE_NAMES = {
     "kernel": ("", "w"),
     "bias": ("", "b"),

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-# Which embedding space to compare two modalities in (TF-Hub MMV usage rules, reference/mmv.md 14).
+# Which embedding space to compare two modalities in (the TF-Hub MMV usage rules; docs/serving.md).
 SPACE = {
     frozenset({"video", "text"}): "vat", frozenset({"image", "text"}): "vat",
     frozenset({"audio", "text"}): "vat", frozenset({"video", "audio"}): "va",

@@ -354,7 +354,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
                 loss_fn=loss_fn, metrics_fn=metrics_fn, optimizer_name=optimizer,
                 learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
                 end_learning_rate=end_learning_rate, weight_decay=weight_decay, momentum=momentum,
-                optimizer_options=optimizer_options, clip_grad_norm=clip_grad_norm, loss_scaling=mixed_precision == "mixed_float16",
+                optimizer_options=optimizer_options, clip_grad_norm=clip_grad_norm,
+                loss_scaling=mixed_precision == "mixed_float16",
                 jit_compile=_default_jit(replicas) if jit_compile is None else jit_compile,
                 checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                 checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
@@ -431,7 +432,8 @@ def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> Non
 
 def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_config, dataset_fn,
          loss_fn, metrics_fn, optimizer_name, learning_rate, schedule, warmup_steps, end_learning_rate,
-         weight_decay, momentum, optimizer_options, clip_grad_norm, loss_scaling, jit_compile, checkpoint_every,
+         weight_decay, momentum, optimizer_options, clip_grad_norm, loss_scaling, jit_compile,
+         checkpoint_every,
          keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
          stop_request, on_step, print_fn, initial_loss_scale, initialize_model=None) -> TrainResult:
   with strategy.scope():

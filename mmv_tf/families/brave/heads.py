@@ -27,15 +27,14 @@ from __future__ import annotations
 import keras
 
 from mmv_tf.models import layers
-from mmv_tf.models.heads import haiku_linear_init
 
 HIDDEN_DIM = 4096
 OUTPUT_DIM = 128
 
 
 def _dense(units: int, *, name: str, dtype) -> keras.layers.Dense:
-  return keras.layers.Dense(units, use_bias=True, kernel_initializer=haiku_linear_init(), name=name,
-                            dtype=dtype)
+  return keras.layers.Dense(units, use_bias=True, kernel_initializer=layers.haiku_linear_initializer(),
+                            name=name, dtype=dtype)
 
 
 class _MLP(keras.layers.Layer):

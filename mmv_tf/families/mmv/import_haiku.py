@@ -6,7 +6,7 @@ model = build_released_model(variant="s3d", params=params)  # MMVModel, vocab si
 report = load_haiku_weights(model, params=params, state=state)   # raises on any unmapped / mis-shaped tensor
 ```
 
-Name mapping (prefix `P = text_audio_video`, reference §16): every Keras variable of the model gets exactly one
+Name mapping (prefix `P = text_audio_video`, docs/checkpoints.md): every Keras variable of the model gets exactly one
 Haiku tensor; the backbones' `haiku_variable_map()` give the tower part, `EmbeddingHead` the heads:
 
 | Keras (below `mmv/`) | Haiku |
@@ -42,7 +42,6 @@ VARIANTS = {  # --variant -> MMV video backbone
 }
 PREFIX = "text_audio_video"
 HEADS_SCOPE = "~_get_pair_embedding_heads"
-HEAD_NAMES = ("vid2audio_embd", "vis_embd", "audio_embd", "txt_embd", "audio2txt_embd", "txt2audio_embd")
 IGNORED_STATE = ("hidden", "counter")  # raw EMA accumulator and update count: not inference state
 
 
@@ -100,7 +99,7 @@ def checkpoint_scopes(params: Mapping[str, np.ndarray]) -> tuple[str, str]:
 def released_model_config(*, variant: str, vocab_size: int = 65536, embedding_dim: int = 300,
                           num_frames: int = 32, crop_size: int = 200,
                           overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-  """The MMV FAC configuration of the released checkpoints (reference §3.2) as an `MMVModel` config."""
+  """The MMV FAC configuration of the released checkpoints (Alayrac et al. 2020 §4; docs/checkpoints.md) as an `MMVModel` config."""
   from mmv_tf.families.mmv import model as mmv
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")

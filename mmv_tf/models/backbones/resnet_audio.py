@@ -1,4 +1,5 @@
-"""Audio ResNet-50 v2 on log-mel "images" [B, time, mel, 1] (reference §6).
+"""Audio ResNet-50 v2 on log-mel "images" [B, time, mel, 1] (MMV, Alayrac et al. 2020 §4;
+docs/models.md).
 
 Output dict:
 

@@ -1,4 +1,5 @@
-"""S3D-G video backbone (separable 3D convs + self-gating), with MMV's space-to-depth input (reference §4).
+"""S3D-G video backbone (separable 3D convs + self-gating), with MMV's space-to-depth input (Xie et al. 2018;
+Alayrac et al. 2020 §4; docs/models.md).
 
 Input: video [B,T,H,W,3] in [0,1] (T, H, W even for the space-to-depth stem; space-to-depth runs inside the model).
 Output dict:
@@ -32,7 +33,7 @@ import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 
-# Inception widths (b0, b1a, b1b, b2a, b2b, b3), reference §4.2. Pools sit between them.
+# Inception widths (b0, b1a, b1b, b2a, b2b, b3), as in the released MMV S3D-G (docs/models.md). Pools sit between them.
 INCEPTION_WIDTHS = {
     "Mixed_3b": (64, 96, 128, 16, 32, 32),
     "Mixed_3c": (128, 128, 192, 32, 96, 64),

@@ -1,4 +1,5 @@
-"""Text tower: word embedding -> Conv1D(k=1)+bias -> ReLU -> max over tokens (reference §7).
+"""Text tower: word embedding -> Conv1D(k=1)+bias -> ReLU -> max over tokens (MMV, Alayrac et al.
+2020 §4; docs/models.md).
 
 Input: int word ids [B,L] or [B,K,L] (K candidate captions). Output dict:
 
@@ -45,7 +46,7 @@ class TextBackbone(keras.Model):
                                         embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0))
     self.embed.trainable = trainable_embedding
     self.text_conv1 = keras.layers.Conv1D(output_dim, 1, use_bias=True, name="text_conv1",
-                                          kernel_initializer=mmv_layers.linear_initializer(embedding_dim))
+                                          kernel_initializer=mmv_layers.haiku_linear_initializer())
 
   @property
   def output_dim(self) -> int:

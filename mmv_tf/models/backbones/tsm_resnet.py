@@ -1,4 +1,5 @@
-"""TSM-ResNet50 / TSM-ResNet50x2 video backbone (pre-activation ResNet-v2 + MMV's temporal shift, reference §5).
+"""TSM-ResNet50 / TSM-ResNet50x2 video backbone (pre-activation ResNet-v2 + MMV's temporal shift; Lin et al. 2019,
+Alayrac et al. 2020 §4; docs/models.md).
 
 Input: video [B,T,H,W,3] in [0,1] with T == num_frames (static, TPU-friendly reshapes); frames run batch-major as
 [B*T,H,W,3]. Output dict:
