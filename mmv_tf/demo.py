@@ -70,10 +70,8 @@ def _stage_done(workdir: str, stage: str) -> bool:
 
 
 def _mark_done(workdir: str, stage: str, info: Optional[dict] = None) -> None:
-  path = os.path.join(workdir, f".done-{stage}")
-  with open(path + ".tmp", "w") as f:
-    json.dump(info or {}, f)
-  os.replace(path + ".tmp", path)
+  from mmv_tf import files
+  files.write_json_atomically(os.path.join(workdir, f".done-{stage}"), info or {}, default=str)
 
 
 def _read_stage(workdir: str, stage: str) -> dict:
@@ -255,9 +253,8 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
              "seconds": time.time() - started, "comparison": comparison,
              "metrics": {"trained": trained["tasks"], "random_init": random_init["tasks"]}}
   results_path = os.path.join(wd, "demo_results.json")
-  with open(results_path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=2, default=str)
-  os.replace(results_path + ".tmp", results_path)
+  from mmv_tf import files
+  files.write_json_atomically(results_path, summary, default=str)
   return summary
 
 

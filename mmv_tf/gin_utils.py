@@ -71,11 +71,6 @@ def parse_gin_flags(args: argparse.Namespace, *, default_files: Sequence[str] = 
 
 def write_operative_config(directory: str, *, name: Optional[str] = None) -> str:
   """Writes the operative gin config (what was actually used) atomically into `directory`."""
-  import tensorflow as tf  # tf.io.gfile so that gs:// and s3:// model dirs work.
-  tf.io.gfile.makedirs(directory)
-  path = os.path.join(directory, name or OPERATIVE_CONFIG_NAME)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(gin.operative_config_str())
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  from mmv_tf import files
+  return files.write_text_atomically(os.path.join(directory, name or OPERATIVE_CONFIG_NAME),
+                                     gin.operative_config_str())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmv_tf import files
 from mmv_tf.data import records, schema
 
 
@@ -87,8 +88,8 @@ def test_atomic_writer_discards_on_error(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_write_file_atomic(tmp_path):
+def test_write_text_atomically(tmp_path):
   path = str(tmp_path / "labels.txt")
-  records.write_file_atomic(path, "a\nb\n")
-  records.write_file_atomic(path, "c\n")
+  files.write_text_atomically(path, "a\nb\n")
+  files.write_text_atomically(path, "c\n")
   assert open(path).read() == "c\n" and os.listdir(tmp_path) == ["labels.txt"]

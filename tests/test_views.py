@@ -4,8 +4,6 @@ settings from the spec. Records encode time: frame i is gray level 10*i and the 
 during frame i (tests/test_pipeline.py)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf

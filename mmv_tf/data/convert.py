@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mmv_tf import files
 from mmv_tf.data import schema
 
 SKIPPED = "skipped"
@@ -324,14 +325,11 @@ def issues_csv(issues: Sequence[Issue]) -> str:
 
 
 def _write_reports(*, output_dir, issues, summary_json) -> None:
-  from mmv_tf.data import records
-  records.write_file_atomic(os.path.join(output_dir, schema.SKIPPED_FILENAME), issues_csv(issues))
-  records.write_file_atomic(os.path.join(output_dir, SUMMARY_FILENAME),
-                            json.dumps(summary_json, indent=2, sort_keys=True) + "\n")
+  files.write_text_atomically(os.path.join(output_dir, schema.SKIPPED_FILENAME), issues_csv(issues))
+  files.write_json_atomically(os.path.join(output_dir, SUMMARY_FILENAME), summary_json)
 
 
 def _prepare(*, manifest, output_dir, prefix, num_shards):
-  from mmv_tf.data import records
   rows, issues = read_manifest(path=manifest)
   labels = label_vocabulary(rows)
   num_rows = len(rows) + len(issues)
@@ -339,8 +337,8 @@ def _prepare(*, manifest, output_dir, prefix, num_shards):
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
   num_shards = num_shards or default_num_shards(num_rows)
   remove_stale_temporaries(output_dir=output_dir, prefix=prefix)
-  records.write_file_atomic(os.path.join(output_dir, schema.LABELS_FILENAME),
-                            "".join(f"{name}\n" for name in labels))
+  files.write_text_atomically(os.path.join(output_dir, schema.LABELS_FILENAME),
+                              "".join(f"{name}\n" for name in labels))
   return rows, list(issues), labels, num_shards, num_rows
 
 

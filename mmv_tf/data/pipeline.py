@@ -21,7 +21,6 @@ which makes the iterator impossible to checkpoint).
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 import os

@@ -125,16 +125,6 @@ def sequence_example_to_clip(serialized: bytes) -> Clip:
   )
 
 
-def write_file_atomic(path: str, text: str) -> None:
-  """Writes a small text file (labels.txt, skipped.csv, ...) under a temporary name, then renames it."""
-  directory, name = os.path.split(path)
-  tf.io.gfile.makedirs(directory or ".")
-  tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def shard_path(output_dir: str, prefix: str, index: int, num_shards: int) -> str:
   """`DIR/PREFIX-00003-of-00016.tfrecord` style names (what DMVR and Model Garden glob for)."""
   return os.path.join(output_dir, f"{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord")

@@ -30,7 +30,6 @@ clip i of a split does not depend on how many clips are generated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -262,6 +261,7 @@ def generate_synthetic_dataset(*, output_dir: str, num_train: int = 1000, num_ev
 
   Clip i of a split goes to shard i % num_shards, so the output is the same however it is produced.
   """
+  from mmv_tf import files
   from mmv_tf.data import records, schema
   if not 0.0 <= no_text_fraction <= 1.0:
     raise ValueError(f"no_text_fraction must be in [0, 1], got {no_text_fraction}")
@@ -295,10 +295,9 @@ def generate_synthetic_dataset(*, output_dir: str, num_train: int = 1000, num_ev
       w.close()
     info["splits"][split] = {"clips": count, "shards": num_shards, "captioned": captioned,
                              "files": f"{split}-*.tfrecord"}
-  records.write_file_atomic(os.path.join(output_dir, schema.LABELS_FILENAME),
-                            "".join(f"{name}\n" for name in LABELS))
-  records.write_file_atomic(os.path.join(output_dir, "dataset_info.json"),
-                            json.dumps(info, indent=2, sort_keys=True) + "\n")
+  files.write_text_atomically(os.path.join(output_dir, schema.LABELS_FILENAME),
+                              "".join(f"{name}\n" for name in LABELS))
+  files.write_json_atomically(os.path.join(output_dir, "dataset_info.json"), info)
   # Not written: the files must not depend on where or how fast they were made.
   for split_info in info["splits"].values():
     split_info["pattern"] = os.path.join(output_dir, split_info["files"])

@@ -57,11 +57,8 @@ def read_vocabulary(path: str) -> List[str]:
 
 def write_vocabulary(path: str, tokens: Sequence[str]) -> None:
   """Writes one token per line (line number = id), atomically."""
-  tmp = f"{path}.tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    for token in tokens:
-      f.write(f"{token}\n")
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  from mmv_tf import files
+  files.write_text_atomically(path, "".join(f"{token}\n" for token in tokens))
 
 
 def build_vocabulary(*, captions: Iterable[str], max_size: Optional[int] = None,

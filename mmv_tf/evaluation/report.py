@@ -318,10 +318,9 @@ def write_report(*, output_dir: str, results: Mapping[str, object], figures: Seq
            "report": os.path.join(output_dir, "report.html")}
   contents = {"metrics": json.dumps(_jsonable(results), indent=2, sort_keys=True) + "\n",
               "report": render_html(title=title, results=results, figures=figures)}
+  from mmv_tf import files
   for key, path in paths.items():
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(contents[key])
-    os.replace(path + ".tmp", path)
+    files.write_text_atomically(path, contents[key])
   return paths
 
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from mmv_tf import files
 from mmv_tf.families import registry
 from mmv_tf.families.base import Family
 from mmv_tf.models import checkpointing
@@ -33,20 +34,10 @@ def vocabulary_path(model_dir: str) -> Optional[str]:
   return path if tf.io.gfile.exists(path) else None
 
 
-def write_json_atomically(path: str, value: Any) -> str:
-  """Writes JSON to `path` through a temporary file and a rename: readers never see half a file."""
-  tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
-
-
 def save_config(model_dir: str, *, family: Family, config: Mapping[str, Any]) -> str:
   """Writes `model_dir/model_config.json` (the completed config and the family's name)."""
   completed = family.complete_config(config)
-  return write_json_atomically(config_path(model_dir), {FAMILY_KEY: family.name, **completed})
+  return files.write_json_atomically(config_path(model_dir), {FAMILY_KEY: family.name, **completed})
 
 
 def read_config_file(path: str, *, family: Optional[str] = None) -> Tuple[Family, Dict[str, Any]]:

@@ -18,7 +18,6 @@ export never leaves a numeric directory, and an existing version is never overwr
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -157,6 +156,7 @@ def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_m
   `model.get_config()`; the config goes to `assets.extra/model_config.json` as a model dir stores it."""
   import keras
   import tensorflow as tf
+  from mmv_tf import files
   from mmv_tf.families import model_dir as model_dir_lib, registry
 
   family = family or registry.family_of(model)
@@ -203,7 +203,7 @@ def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_m
   }
   info.update(extra_info or {})
   extra = os.path.join(path, warmup_lib.WARMUP_DIR)
-  model_dir_lib.write_json_atomically(os.path.join(extra, EXPORT_INFO), info)
+  files.write_json_atomically(os.path.join(extra, EXPORT_INFO), info, default=str)
   model_dir_lib.save_config(extra, family=family, config=model_config)
   if warmup:
     warmup_lib.write_warmup_requests(version_dir=path, model_name=model_name,

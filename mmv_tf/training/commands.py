@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmv_tf import gin_utils
+from mmv_tf import files, gin_utils
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
 _REGISTERED = False
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
   gin_utils.parse_gin(list(args.gin_file), params)
   chief = checkpointing.is_chief(strategy)
   if chief:  # the full config, in case the run dies early; replaced by the operative config below
-    _write_text(os.path.join(args.model_dir, gin_utils.OPERATIVE_CONFIG_NAME), gin.config_str())
+    files.write_text_atomically(os.path.join(args.model_dir, gin_utils.OPERATIVE_CONFIG_NAME), gin.config_str())
   train = gin.get_configurable("train")
   try:
     result = train(model_dir=args.model_dir, strategy=strategy)
@@ -79,14 +79,6 @@ def run(args: argparse.Namespace) -> int:
   else:
     print(f"mmv-tf train: done, step {result.step}, last checkpoint {result.last_checkpoint}")
   return 0
-
-
-def _write_text(path: str, text: str) -> None:
-  import tensorflow as tf
-  tf.io.gfile.makedirs(os.path.dirname(path))
-  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
 COMMANDS = {"train": (add_arguments, run)}

@@ -121,7 +121,6 @@ class _StepFunctions:
     self.train_step = tf.function(self._train_step)
 
   def _forward_backward(self, batch):
-    n = tf.distribute.get_replica_context().num_replicas_in_sync
     variables = self.model.trainable_variables
     with tf.GradientTape() as tape:
       outputs = self.model(batch, training=True)

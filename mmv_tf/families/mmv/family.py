@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import Any, Optional
 
 import keras
