@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmv_tf import families
+
 # Few clips, 2 test windows, one augmented training clip per video, one SVM C (no CV on 10 videos).
 PROTOCOL_OVERRIDES = dict(num_test_clips=2, num_train_clips=1)
 SVM_C = 0.1
@@ -71,7 +73,8 @@ def tiny(tmp_path_factory):
                                           image_model=image_model, warmup=False)
   return Tiny(root=str(root), data=data, model_dir=model_dir, export_base=export_base,
               version_dir=version_dir, config=mmv.load_model_config(model_dir),
-              keras=FE.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocab_path),
+              keras=FE.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocab_path,
+                                     embedding_spaces=families.get("mmv").embedding_spaces),
               saved=FE.SavedModelEmbedder(version_dir))
 
 

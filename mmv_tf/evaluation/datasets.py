@@ -7,7 +7,7 @@ A user with the videos runs (docs/evaluation.md):
     mmv-tf make-dataset --manifest manifests/ucf101_split1_train.csv --output data/ucf101/split1/train
     mmv-tf make-dataset --manifest manifests/ucf101_split1_test.csv --output data/ucf101/split1/test
     mmv-tf evaluate --saved_model export/1 --gin_file eval/mmv_ucf101.gin --output eval_ucf101 \
-        --gin_param "evaluate.train_pattern='data/ucf101/split1/train/*.tfrecord'" ...
+        --gin_param "evaluation.train_pattern='data/ucf101/split1/train/*.tfrecord'" ...
 
 Manifest columns (docs/data_format.md): `video,start,end,caption,label`; we write `video` (absolute path) and
 `label` (class name). `make-dataset` numbers labels by sorted class name; every class of UCF101 and

@@ -88,9 +88,11 @@ class KerasEmbedder:
   audio_input = "log_mel"  # what `embed_batch` feeds: the pipeline's log-mel ...
   text_input = "ids"       # ... and its word ids
   def __init__(self, *, model, image_model=None, vocabulary_path: Optional[str] = None,
-               name: str = "keras"):
+               name: str = "keras", embedding_spaces: Optional[Mapping[frozenset, str]] = None):
     import tensorflow as tf
     self.model = model
+    # Which output compares which two modalities (the family's rules; evaluation's retrieval reads it).
+    self.embedding_spaces = dict(embedding_spaces or {})
     self.image_model = image_model
     self.vocabulary_path = vocabulary_path
     self.name = name
@@ -215,6 +217,9 @@ class SavedModelEmbedder:
     # The family the export was made from (model dirs and exports record it beside the config).
     self.family_name = (self.model_config or {}).pop("family", None)
     self.export_info = _read_json(os.path.join(path, EXTRA_DIR, EXPORT_INFO_FILE)) or {}
+    # "video+text": "vat" in the export info -> {frozenset({"video", "text"}): "vat"}.
+    self.embedding_spaces = {frozenset(pair.split("+")): space
+                             for pair, space in (self.export_info.get("embedding_spaces") or {}).items()}
     explicit = {k: v for k, v in dict(preprocessing or {}).items() if v is not None}
     self.explicit_settings = sorted(explicit)
     pre: Dict[str, object] = {}

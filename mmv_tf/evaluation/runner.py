@@ -1,9 +1,11 @@
 """`evaluate(...)`: every evaluation of a model in one call (what `mmv-tf evaluate` and the demo run).
 
-Tasks (each can be switched off with `tasks=`):
-  retrieval      zero-shot text→video, video→text (S_vat) and audio→video, video→audio (S_va) on the
-                 held-out `eval_pattern` clips
-  zero_shot      zero-shot classification of the eval clips from class-name prompts (S_vat)
+Tasks (each can be switched off with `tasks=`). Which output compares two modalities is the embedder's
+`embedding_spaces` (the family's rules, e.g. MMV: text–video in `vat`, audio–video in `va`); a pair
+without a space is skipped.
+  retrieval      zero-shot text→video, video→text and audio→video, video→audio on the held-out
+                 `eval_pattern` clips
+  zero_shot      zero-shot classification of the eval clips from class-name prompts (text–video space)
   probe          linear probe on video features (`protocol.probe_feature`, default `before_head`):
                  train on `train_pattern`, test on `test_pattern` (default: `eval_pattern`)
   audio_probe    the same on audio features (ESC-50 style; `last_conv` mean-pooled by default)
@@ -17,7 +19,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -309,132 +311,191 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
         modalities=modalities, crop_size=inputs.crop_size, num_spatial_crops=spatial,
         num_batches=n_batches, verbose=verbose)
 
-  # -- held-out clips: retrieval, zero-shot, probe test set ------------------------------------------
-  eval_feats = None
-  need_eval = eval_pattern is not None and ({"retrieval", "zero_shot"} & set(tasks))
-  if need_eval:
-    _log(f"evaluate: embedding held-out clips {eval_pattern}", verbose)
-    n = count_records(eval_pattern)
-    ds = _eval_dataset(eval_pattern, protocol=protocol, inputs=inputs, with_audio=True,
-                       with_text=has_text, num_clips=protocol.num_test_clips)
-    eval_feats = extract("eval", ds, eval_pattern, math.ceil(n / protocol.batch_size),
-                         ("video", "audio", "text"), protocol.num_spatial_crops)
-
-  if eval_feats is not None and "retrieval" in tasks:
-    if "text/vat" in eval_feats:
-      tv = Z.text_video_retrieval(video=eval_feats["video/vat"], text=eval_feats["text/vat"],
-                                  mask=eval_feats["text/mask"])
-      tasks_out["text_to_video"] = tv["text_to_video"]
-      tasks_out["video_to_text"] = tv["video_to_text"]
-      sim, c2v = tv["similarity"], tv["caption_to_video"]
-      pos = M.text_video_positives(c2v, sim.shape[1])
-      recall_curves["text→video"] = (M.ranks(similarity=sim, positives=pos), pos)
-      recall_curves["video→text"] = (M.ranks(similarity=sim.T, positives=pos.T), pos.T)
-      figures.append(R.Figure("similarity", "Retrieval similarity matrix (S_vat)",
-                              R.plot_similarity_matrix(similarity=sim, caption_to_video=c2v),
-                              "cosine similarity of every caption (rows) with every video; red = its "
-                              "video"))
-      figures.append(_nearest_neighbour_figure(eval_feats, sim, c2v))
-    if "audio/va" in eval_feats:
-      av = Z.cross_modal_retrieval(queries=eval_feats["audio/va"], candidates=eval_feats["video/va"])
-      va = Z.cross_modal_retrieval(queries=eval_feats["video/va"], candidates=eval_feats["audio/va"])
-      tasks_out["audio_to_video"] = av["metrics"]
-      tasks_out["video_to_audio"] = va["metrics"]
-      eye = np.eye(len(av["similarity"]), dtype=bool)
-      recall_curves["audio→video"] = (M.ranks(similarity=av["similarity"], positives=eye), eye)
-
-  if eval_feats is not None and "zero_shot" in tasks and class_names and "labels/label" in eval_feats:
-    try:
-      prompts = Z.class_prompts(class_names, protocol.prompts)
-      flat = [p for ps in prompts for p in ps]
-      emb = embedder.embed_captions(flat)["vat"].reshape(len(class_names), len(protocol.prompts), -1)
-      zs = Z.classify(embeddings=eval_feats["video/vat"], class_embeddings=emb,
-                      labels=eval_feats["labels/label"])
-      zs.pop("scores")
-      zs["prompts"] = list(protocol.prompts)
-      tasks_out["zero_shot_classification"] = zs
-    except NotImplementedError as e:
-      _log(f"evaluate: zero-shot classification skipped ({e})", verbose)
-
-  # -- linear probes ---------------------------------------------------------------------------------
-  want_probe = [t for t in ("probe", "audio_probe") if t in tasks]
-  if want_probe and train_pattern is not None and test_pattern is not None:
-    with_audio = "audio_probe" in want_probe
-    modalities = ("video", "audio") if with_audio else ("video",)
-    n_train = count_records(train_pattern)
-    if protocol.train_augmentation:
-      ds = _train_dataset(train_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio)
-      n_batches = math.ceil(n_train * protocol.num_train_clips / protocol.batch_size)
-      ds = ds.take(n_batches)
-    else:
-      ds = _eval_dataset(train_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio,
-                         with_text=False, num_clips=protocol.num_train_clips)
-      n_batches = math.ceil(n_train / protocol.batch_size)
-    _log(f"evaluate: embedding probe training clips {train_pattern}", verbose)
-    train_feats = extract("probe_train", ds, train_pattern, n_batches, modalities)
-    if eval_feats is not None and test_pattern == eval_pattern:
-      test_feats = eval_feats
-    else:
-      _log(f"evaluate: embedding probe test clips {test_pattern}", verbose)
-      n_test = count_records(test_pattern)
-      ds = _eval_dataset(test_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio,
-                         with_text=False, num_clips=protocol.num_test_clips)
-      test_feats = extract("probe_test", ds, test_pattern, math.ceil(n_test / protocol.batch_size),
-                           modalities, protocol.num_spatial_crops)
-    num_classes = max(len(class_names), int(train_feats["labels/label"].max()) + 1,
-                      int(test_feats["labels/label"].max()) + 1)
-    for task, modality, feature in (("probe", "video", protocol.probe_feature),
-                                    ("audio_probe", "audio", protocol.audio_probe_feature)):
-      key = f"{modality}/{feature}"
-      if task not in want_probe or key not in train_feats or key not in test_feats:
-        continue
-      _log(f"evaluate: linear probe on {key}", verbose)
-      res = P.linear_probe(train_features=_probe_arrays(train_feats, key),
-                           train_labels=train_feats["labels/label"],
-                           test_features=_probe_arrays(test_feats, key),
-                           test_labels=test_feats["labels/label"], config=protocol.probe,
-                           num_classes=num_classes)
-      tasks_out[f"linear_probe_{modality}"] = _fmt_probe(res, key)
-      if modality == "video":
-        names = class_names or [str(i) for i in range(num_classes)]
-        figures.append(R.Figure(
-            "confusion", "Linear probe confusion matrix (video)",
-            R.plot_confusion_matrix(confusion=M.confusion_matrix(
-                predictions=res.predictions, labels=res.labels, num_classes=num_classes),
-                class_names=names), f"{key}, C = {res.c:g}, top-1 {res.top1:.3f}"))
-        figures.append(R.Figure(
-            "embedding_map", "2-D map of video features",
-            R.plot_embedding_map(embeddings=Z.pool_clips(test_feats[key]),
-                                 labels=test_feats["labels/label"], class_names=names),
-            f"{key} of the test clips, averaged over clips"))
-
-  # -- deflated image network ------------------------------------------------------------------------
+  run = _Run(embedder=embedder, protocol=protocol, inputs=inputs, tasks=tuple(tasks), extract=extract,
+             class_names=class_names, verbose=verbose, tasks_out=tasks_out, figures=figures,
+             recall_curves=recall_curves)
+  eval_feats = _held_out_tasks(run, eval_pattern=eval_pattern, has_text=has_text)
+  _linear_probes(run, train_pattern=train_pattern, test_pattern=test_pattern, eval_pattern=eval_pattern,
+                 eval_feats=eval_feats)
   if "image" in tasks and (image_pattern or image_train_pattern):
     if not getattr(embedder, "has_images", False):
       _log("evaluate: image tasks skipped (no deflated image network / image signature)", verbose)
     else:
-      _image_tasks(embedder=embedder, protocol=protocol, inputs=inputs, extract=extract,
-                   image_pattern=image_pattern, image_train_pattern=image_train_pattern,
-                   image_test_pattern=image_test_pattern, tasks_out=tasks_out,
-                   recall_curves=recall_curves, class_names=class_names, has_text=has_text,
-                   verbose=verbose)
+      _image_tasks(run, image_pattern=image_pattern, image_train_pattern=image_train_pattern,
+                   image_test_pattern=image_test_pattern, has_text=has_text)
+  results["meta"]["seconds"] = round(time.time() - started, 1)
+  if report:
+    _write_report(run, results=results, output_dir=output_dir, model_dir=model_dir,
+                  title=title or f"mmv_tf evaluation ({protocol.name})")
+  return results
 
-  if recall_curves:
+
+@dataclasses.dataclass
+class _Run:
+  """What every task of one `evaluate` call shares: the embedder, settings, and where results go."""
+  embedder: object
+  protocol: EvalProtocol
+  inputs: _Inputs
+  tasks: Tuple[str, ...]
+  extract: Callable
+  class_names: List[str]
+  verbose: bool
+  tasks_out: Dict[str, object]
+  figures: list
+  recall_curves: dict
+
+  def space(self, a: str, b: str) -> Optional[str]:
+    """The output that compares modalities a and b (the embedder's `embedding_spaces`), or None."""
+    spaces = getattr(self.embedder, "embedding_spaces", None) or {}
+    return spaces.get(frozenset({a, b}))
+
+
+def _held_out_tasks(run: _Run, *, eval_pattern, has_text: bool):
+  """Embeds the held-out clips once; runs retrieval and zero-shot classification on them."""
+  if eval_pattern is None or not ({"retrieval", "zero_shot"} & set(run.tasks)):
+    return None
+  protocol = run.protocol
+  _log(f"evaluate: embedding held-out clips {eval_pattern}", run.verbose)
+  n = count_records(eval_pattern)
+  ds = _eval_dataset(eval_pattern, protocol=protocol, inputs=run.inputs, with_audio=True,
+                     with_text=has_text, num_clips=protocol.num_test_clips)
+  feats = run.extract("eval", ds, eval_pattern, math.ceil(n / protocol.batch_size),
+                      ("video", "audio", "text"), protocol.num_spatial_crops)
+  if "retrieval" in run.tasks:
+    _text_video_retrieval(run, feats)
+    _audio_video_retrieval(run, feats)
+  if "zero_shot" in run.tasks:
+    _zero_shot(run, feats)
+  return feats
+
+
+def _text_video_retrieval(run: _Run, feats) -> None:
+  from mmv_tf.evaluation import report as R
+  space = run.space("video", "text")
+  if space is None or f"text/{space}" not in feats:
+    return
+  tv = Z.text_video_retrieval(video=feats[f"video/{space}"], text=feats[f"text/{space}"], mask=feats["text/mask"])
+  run.tasks_out["text_to_video"] = tv["text_to_video"]
+  run.tasks_out["video_to_text"] = tv["video_to_text"]
+  sim, c2v = tv["similarity"], tv["caption_to_video"]
+  pos = M.text_video_positives(c2v, sim.shape[1])
+  run.recall_curves["text→video"] = (M.ranks(similarity=sim, positives=pos), pos)
+  run.recall_curves["video→text"] = (M.ranks(similarity=sim.T, positives=pos.T), pos.T)
+  run.figures.append(R.Figure("similarity", f"Retrieval similarity matrix ({space})",
+                              R.plot_similarity_matrix(similarity=sim, caption_to_video=c2v),
+                              "cosine similarity of every caption (rows) with every video; red = its video"))
+  run.figures.append(_nearest_neighbour_figure(feats, sim, c2v))
+
+
+def _audio_video_retrieval(run: _Run, feats) -> None:
+  space = run.space("video", "audio")
+  if space is None or f"audio/{space}" not in feats:
+    return
+  av = Z.cross_modal_retrieval(queries=feats[f"audio/{space}"], candidates=feats[f"video/{space}"])
+  va = Z.cross_modal_retrieval(queries=feats[f"video/{space}"], candidates=feats[f"audio/{space}"])
+  run.tasks_out["audio_to_video"] = av["metrics"]
+  run.tasks_out["video_to_audio"] = va["metrics"]
+  eye = np.eye(len(av["similarity"]), dtype=bool)
+  run.recall_curves["audio→video"] = (M.ranks(similarity=av["similarity"], positives=eye), eye)
+
+
+def _zero_shot(run: _Run, feats) -> None:
+  space = run.space("video", "text")
+  if space is None or not run.class_names or "labels/label" not in feats:
+    return
+  protocol, names = run.protocol, run.class_names
+  try:
+    prompts = Z.class_prompts(names, protocol.prompts)
+    flat = [p for ps in prompts for p in ps]
+    emb = run.embedder.embed_captions(flat)[space].reshape(len(names), len(protocol.prompts), -1)
+  except NotImplementedError as e:
+    _log(f"evaluate: zero-shot classification skipped ({e})", run.verbose)
+    return
+  zs = Z.classify(embeddings=feats[f"video/{space}"], class_embeddings=emb, labels=feats["labels/label"])
+  zs.pop("scores")
+  zs["prompts"] = list(protocol.prompts)
+  run.tasks_out["zero_shot_classification"] = zs
+
+
+def _probe_features(run: _Run, *, train_pattern, test_pattern, eval_pattern, eval_feats, with_audio: bool):
+  """(train, test) features of the probe's clips (the held-out features are reused as test set)."""
+  protocol, inputs = run.protocol, run.inputs
+  modalities = ("video", "audio") if with_audio else ("video",)
+  n_train = count_records(train_pattern)
+  if protocol.train_augmentation:
+    ds = _train_dataset(train_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio)
+    n_batches = math.ceil(n_train * protocol.num_train_clips / protocol.batch_size)
+    ds = ds.take(n_batches)
+  else:
+    ds = _eval_dataset(train_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio,
+                       with_text=False, num_clips=protocol.num_train_clips)
+    n_batches = math.ceil(n_train / protocol.batch_size)
+  _log(f"evaluate: embedding probe training clips {train_pattern}", run.verbose)
+  train = run.extract("probe_train", ds, train_pattern, n_batches, modalities)
+  if eval_feats is not None and test_pattern == eval_pattern:
+    return train, eval_feats
+  _log(f"evaluate: embedding probe test clips {test_pattern}", run.verbose)
+  n_test = count_records(test_pattern)
+  ds = _eval_dataset(test_pattern, protocol=protocol, inputs=inputs, with_audio=with_audio,
+                     with_text=False, num_clips=protocol.num_test_clips)
+  test = run.extract("probe_test", ds, test_pattern, math.ceil(n_test / protocol.batch_size), modalities,
+                     protocol.num_spatial_crops)
+  return train, test
+
+
+def _linear_probes(run: _Run, *, train_pattern, test_pattern, eval_pattern, eval_feats) -> None:
+  want = [t for t in ("probe", "audio_probe") if t in run.tasks]
+  if not want or train_pattern is None or test_pattern is None:
+    return
+  protocol = run.protocol
+  train, test = _probe_features(run, train_pattern=train_pattern, test_pattern=test_pattern,
+                                eval_pattern=eval_pattern, eval_feats=eval_feats,
+                                with_audio="audio_probe" in want)
+  num_classes = max(len(run.class_names), int(train["labels/label"].max()) + 1,
+                    int(test["labels/label"].max()) + 1)
+  for task, modality, feature in (("probe", "video", protocol.probe_feature),
+                                  ("audio_probe", "audio", protocol.audio_probe_feature)):
+    key = f"{modality}/{feature}"
+    if task not in want or key not in train or key not in test:
+      continue
+    _log(f"evaluate: linear probe on {key}", run.verbose)
+    res = P.linear_probe(train_features=_probe_arrays(train, key), train_labels=train["labels/label"],
+                         test_features=_probe_arrays(test, key), test_labels=test["labels/label"],
+                         config=protocol.probe, num_classes=num_classes)
+    run.tasks_out[f"linear_probe_{modality}"] = _fmt_probe(res, key)
+    if modality == "video":
+      _probe_figures(run, res=res, key=key, test=test, num_classes=num_classes)
+
+
+def _probe_figures(run: _Run, *, res, key: str, test, num_classes: int) -> None:
+  from mmv_tf.evaluation import report as R
+  names = run.class_names or [str(i) for i in range(num_classes)]
+  run.figures.append(R.Figure(
+      "confusion", "Linear probe confusion matrix (video)",
+      R.plot_confusion_matrix(confusion=M.confusion_matrix(
+          predictions=res.predictions, labels=res.labels, num_classes=num_classes), class_names=names),
+      f"{key}, C = {res.c:g}, top-1 {res.top1:.3f}"))
+  run.figures.append(R.Figure(
+      "embedding_map", "2-D map of video features",
+      R.plot_embedding_map(embeddings=Z.pool_clips(test[key]), labels=test["labels/label"], class_names=names),
+      f"{key} of the test clips, averaged over clips"))
+
+
+def _write_report(run: _Run, *, results, output_dir: str, model_dir: Optional[str], title: str) -> None:
+  from mmv_tf.evaluation import report as R
+  figures = run.figures
+  if run.recall_curves:
     figures.insert(1 if figures else 0, R.Figure("recall_curves", "Recall@K", R.plot_recall_curves(
-        curves=recall_curves), "solid: model; dashed: chance (random ranking)"))
+        curves=run.recall_curves), "solid: model; dashed: chance (random ranking)"))
   if model_dir:
     scalars = R.read_scalar_summaries(model_dir)
     if scalars:
       figures.append(R.Figure("training_curves", "Training curves", R.plot_training_curves(scalars),
                               f"TensorBoard scalars under {model_dir}"))
-  results["meta"]["seconds"] = round(time.time() - started, 1)
-  if report:
-    paths = R.write_report(output_dir=output_dir, results=results, figures=figures,
-                           title=title or f"mmv_tf evaluation ({protocol.name})")
-    results["meta"]["report"] = paths["report"]
-    results["meta"]["metrics"] = paths["metrics"]
-    results["meta"]["figures"] = [f.id for f in figures]
-  return results
+  paths = R.write_report(output_dir=output_dir, results=results, figures=figures, title=title)
+  results["meta"]["report"] = paths["report"]
+  results["meta"]["metrics"] = paths["metrics"]
+  results["meta"]["figures"] = [f.id for f in figures]
 
 
 def _nearest_neighbour_figure(feats, sim, c2v, *, num_queries: int = 6, k: int = 4):
@@ -453,9 +514,9 @@ def _nearest_neighbour_figure(feats, sim, c2v, *, num_queries: int = 6, k: int =
                   "caption's own video")
 
 
-def _image_tasks(*, embedder, protocol, inputs, extract, image_pattern, image_train_pattern,
-                 image_test_pattern, tasks_out, recall_curves, class_names, has_text, verbose):
+def _image_tasks(run: _Run, *, image_pattern, image_train_pattern, image_test_pattern, has_text: bool):
   from mmv_tf.data import pipeline
+  protocol, inputs, extract = run.protocol, run.inputs, run.extract
 
   def image_batches(pattern):
     ds = pipeline.make_eval_dataset(
@@ -474,7 +535,7 @@ def _image_tasks(*, embedder, protocol, inputs, extract, image_pattern, image_tr
   for split, pattern in (("images", image_pattern), ("images_train", image_train_pattern),
                          ("images_test", image_test_pattern)):
     if pattern:
-      _log(f"evaluate: embedding images {pattern}", verbose)
+      _log(f"evaluate: embedding images {pattern}", run.verbose)
       n = count_records(pattern)
       splits[split] = extract(split, image_batches(pattern), pattern,
                               math.ceil(n / protocol.batch_size), ("image", "text"))
@@ -485,15 +546,16 @@ def _image_tasks(*, embedder, protocol, inputs, extract, image_pattern, image_tr
     splits["images_test"] = {k: v[1::2] for k, v in f.items()}
   train, test = splits["images_train"], splits["images_test"]
   key = f"image/{protocol.image_probe_feature}"
-  num_classes = max(len(class_names), int(train["labels/label"].max()) + 1,
+  num_classes = max(len(run.class_names), int(train["labels/label"].max()) + 1,
                     int(test["labels/label"].max()) + 1)
   res = P.linear_probe(train_features=train[key], train_labels=train["labels/label"],
                        test_features=test[key], test_labels=test["labels/label"],
                        config=dataclasses.replace(protocol.probe), num_classes=num_classes)
-  tasks_out["linear_probe_image"] = _fmt_probe(res, key)
-  if "text/vat" in test and "image/vat" in test:
-    tv = Z.text_video_retrieval(video=test["image/vat"], text=test["text/vat"], mask=test["text/mask"])
-    tasks_out["image_to_text"] = tv["video_to_text"]
-    tasks_out["text_to_image"] = tv["text_to_video"]
+  run.tasks_out["linear_probe_image"] = _fmt_probe(res, key)
+  space = run.space("image", "text")
+  if space is not None and f"text/{space}" in test and f"image/{space}" in test:
+    tv = Z.text_video_retrieval(video=test[f"image/{space}"], text=test[f"text/{space}"], mask=test["text/mask"])
+    run.tasks_out["image_to_text"] = tv["video_to_text"]
+    run.tasks_out["text_to_image"] = tv["text_to_video"]
     pos = M.text_video_positives(tv["caption_to_video"], tv["similarity"].shape[1]).T
-    recall_curves["image→text"] = (M.ranks(similarity=tv["similarity"].T, positives=pos), pos)
+    run.recall_curves["image→text"] = (M.ranks(similarity=tv["similarity"].T, positives=pos), pos)

@@ -146,7 +146,7 @@ class MMVFamily(Family):
   def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
     from mmv_tf.evaluation import features
     return features.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocabulary_path,
-                                  name=name or "keras")
+                                  name=name or "keras", embedding_spaces=self.embedding_spaces)
 
   def register_gin(self):
     import gin
