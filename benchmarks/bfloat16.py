@@ -167,6 +167,7 @@ def main(argv=None) -> int:
   if not support.has_amx:
     print("  (no AMX: the >=1.6x bf16 target is for AMX CPUs; AVX-512 BF16 alone has no bf16 matmul tiles, "
           "and without either bf16 is emulated)")
+  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   print(f"command: {' '.join([os.path.basename(sys.executable), 'benchmarks/bfloat16.py', *(argv or sys.argv[1:])])}",
         flush=True)
   report = {"cpu": {"model_name": support.model_name, "bf16_flags": list(support.bf16_flags)}, "speed": [],
@@ -184,11 +185,19 @@ def main(argv=None) -> int:
           out["round"] = r
           report["speed"].append(out)
           print(f"  round {r + 1} {name:<13} {prec:<9} {out['clips_per_s']:7.3f} clips/s", flush=True)
-    print(f"\n| backbone | float32 clips/s | bfloat16 clips/s | bf16 / f32 |\n|---|---|---|---|")
+    # The ratio within a round compares two back-to-back processes, so it is less sensitive to load that
+    # changes between rounds than the ratio of medians; both are printed.
+    print(f"\n| backbone | float32 clips/s | bfloat16 clips/s | ratio of medians | per-round ratios |"
+          f"\n|---|---|---|---|---|")
     for name in backbones:
-      med = {p: statistics.median(o["clips_per_s"] for o in report["speed"]
-                                  if o["model"] == name and o["precision"] == p) for p in ("float32", "bfloat16")}
-      print(f"| {name} | {med['float32']:.3f} | {med['bfloat16']:.3f} | {med['bfloat16'] / med['float32']:.2f}x |")
+      runs = {p: [o["clips_per_s"] for o in report["speed"] if o["model"] == name and o["precision"] == p]
+              for p in ("float32", "bfloat16")}
+      med = {p: statistics.median(v) for p, v in runs.items()}
+      paired = ", ".join(f"{b / a:.2f}" for a, b in zip(runs["float32"], runs["bfloat16"]))
+      print(f"| {name} | {med['float32']:.3f} | {med['bfloat16']:.3f} | {med['bfloat16'] / med['float32']:.2f}x "
+            f"| {paired} |")
+    print(f"load average after the speed runs (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} cores")
 
   if not args.skip_parity:
     print(f"\nbf16 vs float32 embeddings (same weights, same inputs; paper-size backbones at batch {args.batch}):")
