@@ -58,17 +58,25 @@ def _graph_ops(version_dir):
   return [(n.op, {k: tf.dtypes.as_dtype(v.type).name for k, v in n.attr.items() if v.type}) for n in nodes]
 
 
-def _session_outputs(version_dir, signature, value):
-  """Runs `signature` as stock TF Serving does: TF1 `loader.load` into a Session, then feed and fetch the
-  SignatureDef's tensor names."""
+def _session_outputs(version_dir):
+  """Runs every signature of INPUTS as stock TF Serving does: TF1 `loader.load` into a Session, then feed
+  and fetch the SignatureDef's tensor names. {signature: ({output: array}, {output: DataType enum})}."""
   import tensorflow_text  # noqa: F401  (registers the TF Text ops the text signature's graph holds)
+  out = {}
   with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
     meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], version_dir)
-    sig = meta.signature_def[signature]
-    (key, tensor_info), = sig.inputs.items()
-    names = sorted(sig.outputs)
-    fetched = sess.run([sig.outputs[k].name for k in names], feed_dict={tensor_info.name: value})
-    return {k: v for k, v in zip(names, fetched)}, {k: sig.outputs[k].dtype for k in names}
+    for signature, (key, value) in INPUTS.items():
+      sig = meta.signature_def[signature]
+      names = sorted(sig.outputs)
+      fetched = sess.run([sig.outputs[k].name for k in names], feed_dict={sig.inputs[key].name: value})
+      out[signature] = (dict(zip(names, fetched)), {k: sig.outputs[k].dtype for k in names})
+  return out
+
+
+@pytest.fixture(scope="module")
+def session_outputs(exports):
+  f32, bf16 = exports
+  return _session_outputs(f32.version_dir), _session_outputs(bf16.version_dir)
 
 
 def test_metadata_records_precision_and_signatures_stay_float32(exports):
@@ -102,11 +110,9 @@ def test_graph_computes_in_bfloat16_with_float32_log_mel_and_stock_ops(exports):
 
 
 @pytest.mark.parametrize("signature", sorted(INPUTS))
-def test_session_loader_outputs_float32_within_bound_of_float32_export(exports, bound, signature):
-  f32, bf16 = exports
-  _, value = INPUTS[signature]
-  want, _ = _session_outputs(f32.version_dir, signature, value)
-  got, dtypes = _session_outputs(bf16.version_dir, signature, value)
+def test_session_loader_outputs_float32_within_bound_of_float32_export(session_outputs, bound, signature):
+  want, _ = session_outputs[0][signature]
+  got, dtypes = session_outputs[1][signature]
   assert set(got) == set(want)
   for k in got:
     assert dtypes[k] == tf.float32.as_datatype_enum and got[k].dtype == np.float32, k
@@ -201,3 +207,36 @@ def test_cpu_bf16_detection(extra, flags, policy, says):
   assert support.bf16_flags == flags
   assert precision.training_policy_for_cpu(support) == policy
   assert says in support.describe() and support.describe().startswith("Some CPU 9000: ")
+
+
+def test_demo_precision_option():
+  from mmv_tf import demo
+  amx = precision.cpu_bf16_support(CPUINFO.format(model="X", extra="avx512_bf16 amx_bf16"))
+  none = precision.cpu_bf16_support(CPUINFO.format(model="Y", extra="avx2"))
+  assert demo.resolve_precision("auto", support=amx)[0] == "bfloat16"
+  assert demo.resolve_precision("auto", support=none) == ("float32", "auto: CPU " + none.describe())
+  # Forcing either wins over the detection; the reason still names the CPU.
+  assert demo.resolve_precision("float32", support=amx)[0] == "float32"
+  assert demo.resolve_precision("bfloat16", support=none)[0] == "bfloat16"
+  with pytest.raises(ValueError, match="got 'fp16'"):
+    demo.resolve_precision("fp16", support=none)
+  # The default stays float32 (the thresholds were measured in float32).
+  assert demo.DemoConfig(workdir="w").precision == "float32"
+  config = demo.DemoConfig(workdir="w")
+  assert "train.mixed_precision = 'mixed_bfloat16'" in demo.training_bindings(config, data_dir="d", precision="bfloat16")
+  assert not [b for b in demo.training_bindings(config, data_dir="d", precision="float32") if "mixed" in b]
+
+
+def test_demo_bindings_parse_into_a_mixed_bfloat16_train_call():
+  """The binding the demo adds reaches `trainer.train` through gin (what `mmv-tf train` and the demo parse)."""
+  import gin
+  from mmv_tf import demo, gin_utils
+  from mmv_tf.training import commands as train_commands
+  gin.clear_config()
+  try:
+    train_commands.register_configurables()
+    gin_utils.parse_gin(["tiny/mmv_tsm_fac.gin"], demo.training_bindings(
+        demo.DemoConfig(workdir="w"), data_dir="d", precision="bfloat16"))
+    assert gin.query_parameter("train.mixed_precision") == "mixed_bfloat16"
+  finally:
+    gin.clear_config()
