@@ -11,6 +11,7 @@ of order 1).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -122,14 +123,19 @@ def test_session_loader_outputs_float32_within_bound_of_float32_export(session_o
     assert err > 0, f"{signature}/{k}: bitwise equal to float32"
 
 
-def test_grpc_serves_bfloat16_export_within_bound(exports, bound, tmp_path):
+def test_grpc_serves_bfloat16_export_within_bound(exports, bound, tmp_path, caplog):
   f32, bf16 = exports
   base = tmp_path / "mmv"
   base.mkdir()
   shutil.copytree(bf16.version_dir, base / "1")
   srv = server.ModelServer(server.ServerOptions(model_base_path=str(base), port=0, rest_api_port=-1,
                                                 file_system_poll_wait_seconds=0))
-  srv.start()
+  with caplog.at_level(logging.INFO, logger="mmv_tf.serving.server"):
+    srv.start()
+  # The server says what the CPU does with bfloat16 (a warning on a CPU without bf16 units).
+  said = [r for r in caplog.records if "computes in bfloat16 on" in r.getMessage()]
+  assert len(said) == 1 and precision.cpu_bf16_support().describe() in said[0].getMessage()
+  assert said[0].levelno == (logging.INFO if precision.cpu_bf16_support().has_bf16_units else logging.WARNING)
   client = client_lib.ServingClient(server=f"127.0.0.1:{srv.grpc_port}", model_name="mmv")
   try:
     assert client.status() == [(1, "AVAILABLE")]

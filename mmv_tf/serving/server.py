@@ -443,6 +443,12 @@ class ModelManager:
         self.states[old.version] = (END, "")
     log.info("model %s: serving version %d (%s, precision %s) loaded in %.1f s", self.name, version, path,
              loaded.precision, time.time() - started)
+    if loaded.precision == "bfloat16":
+      from mmv_tf import precision as precision_lib
+      support = precision_lib.cpu_bf16_support()
+      # Without bf16 units TF emulates bfloat16 through float32 conversions: slower than a float32 export.
+      (log.info if support.has_bf16_units else log.warning)(
+          "model %s version %d computes in bfloat16 on %s", self.name, version, support.describe())
 
   def _warmup(self, loaded: LoadedVersion) -> None:
     path = warmup_lib.warmup_path(loaded.path)
