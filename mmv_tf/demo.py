@@ -7,6 +7,10 @@
 The numbers in the table are checked against thresholds (`THRESHOLDS`): the demo exits 1 if the model
 did not learn. Every stage writes atomically and leaves a marker, so Ctrl-C loses nothing and a re-run
 resumes (training resumes from its last checkpoint).
+
+`--precision` picks the compute precision of training (`train.mixed_precision`) and of the export:
+float32 (the default: the thresholds were measured with it), bfloat16, or auto (bfloat16 when the CPU
+has bf16 units, `avx512_bf16` or `amx_bf16` in /proc/cpuinfo; float32 otherwise). See docs/training.md.
 """
 from __future__ import annotations
 
@@ -63,6 +67,35 @@ class DemoConfig:
   seed: int = 0
   gin_file: str = "tiny/mmv_tsm_fac.gin"
   serve: bool = True
+  # "float32", "bfloat16" or "auto" (`resolve_precision`). float32 by default: the thresholds and the
+  # README's numbers were measured in float32; bfloat16 training of the demo has not been checked
+  # against them (docs/training.md).
+  precision: str = "float32"
+
+
+DEMO_PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def resolve_precision(requested: str, *, support=None) -> tuple:
+  """(precision, why): `auto` becomes bfloat16 on a CPU with bf16 units and float32 otherwise."""
+  from mmv_tf import precision as precision_lib
+  if requested not in DEMO_PRECISIONS:
+    raise ValueError(f"precision must be one of {', '.join(DEMO_PRECISIONS)}; got {requested!r}")
+  support = support or precision_lib.cpu_bf16_support()
+  if requested != "auto":
+    return requested, f"requested; CPU {support.describe()}"
+  chosen = "bfloat16" if precision_lib.training_policy_for_cpu(support) else "float32"
+  return chosen, f"auto: CPU {support.describe()}"
+
+
+def training_bindings(config: DemoConfig, *, data_dir: str, precision: str) -> List[str]:
+  """The gin bindings the demo adds to its gin file (`precision` already resolved)."""
+  bindings = [f"train.train_files = '{os.path.join(data_dir, 'train-*.tfrecord')}'",
+              f"train.steps = {config.steps}", f"train.batch_size = {config.batch_size}",
+              f"train.seed = {config.seed}"]
+  if precision == "bfloat16":
+    bindings.append("train.mixed_precision = 'mixed_bfloat16'")
+  return bindings
 
 
 def _stage_done(workdir: str, stage: str) -> bool:
@@ -176,12 +209,11 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
 
   # 2. Pretraining under MirroredStrategy over 2 logical CPUs (the trainer resumes from checkpoints).
   stage("pretraining (MirroredStrategy, 2 replicas)", 2)
+  precision, why = resolve_precision(config.precision)
+  print_fn(f"  precision: {precision} ({why})")
   gin.clear_config()
   train_commands.register_configurables()
-  gin_utils.parse_gin([config.gin_file], [
-      f"train.train_files = '{os.path.join(data_dir, 'train-*.tfrecord')}'",
-      f"train.steps = {config.steps}", f"train.batch_size = {config.batch_size}",
-      f"train.seed = {config.seed}"])
+  gin_utils.parse_gin([config.gin_file], training_bindings(config, data_dir=data_dir, precision=precision))
   strategy = tf.distribute.MirroredStrategy(
       [d.name for d in tf.config.list_logical_devices("CPU")[:2]])
   train = gin.get_configurable("train")
@@ -232,7 +264,8 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
   if _stage_done(wd, "export") and versions:
     version_dir = os.path.join(export_base, str(versions[-1]))
   else:
-    version_dir = export_lib.export_from_model_dir(model_dir=model_dir, export_base=export_base)
+    version_dir = export_lib.export_from_model_dir(model_dir=model_dir, export_base=export_base,
+                                                   precision=precision)
     _mark_done(wd, "export", {"version_dir": version_dir})
   print_fn(f"  {version_dir}")
 
@@ -250,6 +283,7 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
   print_fn("The model learned: every metric clears its threshold." if passed else
            "FAILED: the model did not clear every threshold (see the 'needed' column).")
   summary = {"rows": rows, "passed": passed, "report": report, "export": version_dir, "queries": queries,
+             "precision": precision,
              "seconds": time.time() - started, "comparison": comparison,
              "metrics": {"trained": trained["tasks"], "random_init": random_init["tasks"]}}
   results_path = os.path.join(wd, "demo_results.json")
@@ -340,13 +374,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=defaults.seed)
   parser.add_argument("--gin_file", default=defaults.gin_file, help="the tiny training config")
   parser.add_argument("--no_serve", action="store_true", help="skip the server + query stage")
+  parser.add_argument("--precision", default=defaults.precision, choices=DEMO_PRECISIONS,
+                      help="training and export precision: float32 (default), bfloat16 (Keras mixed_bfloat16), "
+                      "or auto (bfloat16 if the CPU has avx512_bf16 / amx_bf16, else float32)")
 
 
 def run(args: argparse.Namespace) -> int:
   use_two_logical_cpus()
   config = DemoConfig(workdir=args.workdir, num_train=args.train_clips, num_eval=args.eval_clips,
                       num_images=args.image_clips, steps=args.steps, batch_size=args.batch_size,
-                      seed=args.seed, gin_file=args.gin_file, serve=not args.no_serve)
+                      seed=args.seed, gin_file=args.gin_file, serve=not args.no_serve,
+                      precision=args.precision)
   summary = run_demo(config, print_fn=lambda s: print(s, flush=True))
   return 0 if summary["passed"] else 1
 

@@ -148,6 +148,7 @@ def test_serve_command_runs_and_stops_by_itself(served):
     line = proc.stdout.readline()
     event = json.loads(line)
     assert event["event"] == "serving" and event["version"] == 1 and event["host"] == "127.0.0.1"
+    assert event["precision"] == "float32"  # from the export's mmv_export.json
     import urllib.request
     body = json.dumps({"signature_name": "text", "instances": ["a dog"]}).encode()
     with urllib.request.urlopen(urllib.request.Request(

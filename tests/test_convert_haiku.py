@@ -228,6 +228,30 @@ def test_cli_imports_and_exports(tmp_path, capsys, tsm_tiny):
     np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def test_cli_imports_in_bfloat16(tmp_path, tsm_tiny):
+  """`--precision bfloat16`: recorded in the metadata, float32 outputs within the derived bfloat16 bound of
+  the float32 model (tests/precision.py; a weight not carried over would give an error of order 1)."""
+  from tests import precision as bounds
+  model, overrides, (params, state) = tsm_tiny
+  ckpt = str(tmp_path / "mmv_tsm_resnet_x1.pkl")
+  write_pickle(ckpt, params, state)
+  base = str(tmp_path / "export")
+  assert cli.main(["import-checkpoint", "--format", "mmv-haiku", "--variant", "tsm-resnet50", "--checkpoint", ckpt,
+                   "--num_frames", "4", "--crop_size", "32", "--no_warmup", "--precision", "bfloat16",
+                   "--model_config_overrides", json.dumps(overrides), "--export_dir", base]) == 0
+  with open(os.path.join(base, "1", "assets.extra", "mmv_export.json")) as f:
+    assert json.load(f)["precision"] == "bfloat16"
+  mh.load_haiku_weights(model, params=params, state=state)
+  video = tf.random.stateless_uniform([2, 4, 32, 32, 3], seed=[1, 2])
+  got = tf.saved_model.load(os.path.join(base, "1")).signatures["video"](video=video)
+  want = model.embed_video(video)
+  bound = bounds.relative_error_bound("mixed_bfloat16", bounds.accumulation_lengths(model))
+  for k in ("before_head", "va", "vat"):
+    assert got[k].dtype == tf.float32
+    err = bounds.relative_error(got[k].numpy(), want[k].numpy())
+    assert 0 < err < bound, (k, err, bound)
+
+
 def test_cli_rejects_mismatches(tmp_path, capsys, tsm_tiny):
   model, overrides, (params, state) = tsm_tiny
   params = dict(params)

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="JSON merged into the released config (checkpoints of the same architecture at "
                       "other widths/depths, e.g. '{\"video_kwargs\": {\"width_multiplier\": 0.5}}')")
   parser.add_argument("--no_warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests")
+  parser.add_argument("--precision", default="float32",
+                      help="compute precision of the export: float32 (default) or bfloat16 (float32 inputs and "
+                      "outputs; see docs/serving.md). The model dir (--model_dir) always holds float32 weights.")
 
 
 def _importers() -> dict:
@@ -66,14 +69,21 @@ def _write_model_dir(*, family, model, model_dir: str, vocab) -> str:
 
 
 def export_signatures(*, family, model, export_base: str, fmt: str, version=None, vocabulary=None,
-                      warmup: bool = True) -> str:
+                      warmup: bool = True, precision: str = "float32") -> str:
   """Exports through `mmv_tf.serving.export.export_saved_model` (all signatures, atomic, warmup)."""
   from mmv_tf.serving import export as export_lib
   return export_lib.export_saved_model(model=model, family=family, export_base=export_base, version=version,
-                                       vocabulary=vocabulary, warmup=warmup, extra_info={"imported_from": fmt})
+                                       vocabulary=vocabulary, warmup=warmup, extra_info={"imported_from": fmt},
+                                       precision=precision)
 
 
 def run(args: argparse.Namespace) -> int:
+  from mmv_tf import precision
+  try:
+    precision.check_precision(args.precision)  # before loading a checkpoint of hundreds of MB
+  except ValueError as e:
+    print(f"mmv-tf import-checkpoint: --precision: {e}", file=sys.stderr)
+    return 2
   family, importer = _importers()[args.format]
   overrides = json.loads(args.model_config_overrides) if args.model_config_overrides else None
   vocab_size = None
@@ -100,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     path = _write_model_dir(family=family, model=model, model_dir=args.model_dir, vocab=args.vocab)
     print(f"model dir: {args.model_dir} (checkpoint {path})")
   out = export_signatures(family=family, model=model, export_base=args.export_dir, fmt=args.format,
-                          version=args.version, vocabulary=args.vocab, warmup=not args.no_warmup)
-  print(f"exported {out}")
+                          version=args.version, vocabulary=args.vocab, warmup=not args.no_warmup,
+                          precision=args.precision)
+  print(f"exported {out} (precision {args.precision})")
   return 0
 
 

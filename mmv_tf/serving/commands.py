@@ -22,22 +22,36 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no_warmup", action="store_true", help="do not write tf_serving_warmup_requests")
   parser.add_argument("--no_image_signatures", action="store_true",
                       help="omit the deflated image / image_bytes signatures")
+  # No argparse `choices`: mmv_tf.precision.check_precision gives the one error message for every entry point.
+  parser.add_argument("--precision", default="float32",
+                      help="compute precision inside the graphs: float32 (default) or bfloat16 (Keras "
+                      "mixed_bfloat16: float32 inputs/outputs, BN statistics and log-mel; faster on CPUs "
+                      "with AMX, see docs/serving.md)")
 
 
 def _export_run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  from mmv_tf import precision
   from mmv_tf.serving import export, ops_allowlist
+  try:
+    precision.check_precision(args.precision)
+  except ValueError as e:
+    print(f"mmv-tf export: --precision: {e}", file=sys.stderr)
+    return 2
+  if args.precision == "bfloat16":
+    logging.info("bfloat16 export on %s", precision.cpu_bf16_support().describe())
   try:
     path = export.export_from_model_dir(model_dir=args.model_dir, export_base=args.export_dir,
                                         version=args.version, warmup=not args.no_warmup,
                                         model_name=args.model_name, checkpoint=args.checkpoint,
-                                        image_signatures=not args.no_image_signatures)
+                                        image_signatures=not args.no_image_signatures,
+                                        precision=args.precision)
   except (FileExistsError, FileNotFoundError, ops_allowlist.DisallowedOpsError) as e:
     print(f"mmv-tf export: {e}", file=sys.stderr)
     return 1
   with open(f"{path}/assets.extra/{export.EXPORT_INFO}") as f:
     info = json.load(f)
-  print(f"exported {path}")
+  print(f"exported {path} (precision {info.get('precision', 'float32')})")
   for name, sig in info["signatures"].items():
     i = sig["input"]
     print(f"  {name:<18} {i['name']}: {i['dtype']} {i['shape']} -> {', '.join(sig['outputs'])}")
@@ -89,9 +103,11 @@ def _serve_run(args) -> int:
   options = options_from_args(args)
   srv = server.ModelServer(options)
   grpc_port, rest_port = srv.start()
-  version = srv.manager.current.version if srv.manager.current else None
+  current = srv.manager.current
+  version = current.version if current else None
   # One machine-readable line (tests and scripts read the ports from it).
   print(json.dumps({"event": "serving", "model_name": options.model_name, "version": version,
+                    "precision": current.precision if current else None,
                     "host": options.host, "grpc_port": grpc_port, "rest_api_port": rest_port}), flush=True)
   stop = threading.Event()
   for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,7 +9,8 @@ path = export_from_model_dir(model_dir="runs/tiny", export_base="/models/mmv")
 Layout: `BASE/<N>/{saved_model.pb, variables/, assets/vocab.txt, assets.extra/tf_serving_warmup_requests,
 assets.extra/mmv_export.json, assets.extra/model_config.json}`. `model_config.json` is the model's completed
 config exactly as a model dir stores it (`mmv.load_model_config(BASE/N/assets.extra)` reads it) and
-`mmv_export.json` names the vocabulary asset (`"vocabulary": "assets/vocab.txt"`): what
+`mmv_export.json` names the vocabulary asset (`"vocabulary": "assets/vocab.txt"`) and the compute precision
+(`"precision": "float32"` or `"bfloat16"`, see `mmv_tf.precision`): what
 `evaluation.features.SavedModelEmbedder` needs to evaluate the export without extra flags (TF Serving ignores
 `assets.extra/`). The version is built in `BASE/.tmp-export-<pid>-<id>/` (TF Serving ignores
 names that are not integers), checked (op allow-list), then renamed to `BASE/<N>` under a lock: a killed
@@ -148,20 +149,40 @@ def _vocabulary_asset(path: str) -> Optional[str]:
   return f"{ASSETS_DIR}/{names[0]}" if names else None
 
 
+def _float32_outputs(fn):
+  """`fn` with half-precision outputs cast to float32: a bfloat16 export keeps the float32 signature
+  contract (clients and the SignatureDefs see float32) even for a family whose towers return the compute
+  dtype."""
+  import tensorflow as tf
+
+  def outputs_in_float32(x):
+    return {k: tf.cast(v, tf.float32) if v.dtype in (tf.bfloat16, tf.float16) else v for k, v in fn(x).items()}
+
+  return outputs_in_float32
+
+
 def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_model=None, warmup: bool = True,
                       model_name: str = "mmv", extra_info: Optional[Dict[str, Any]] = None,
-                      model_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                      model_config: Optional[Dict[str, Any]] = None, precision: str = "float32") -> Dict[str, Any]:
   """Writes the SavedModel (the family's signatures, warmup, export info, model config) into `path` (not
   atomic by itself). `family` defaults to the model's (`registry.family_of`), `model_config` to
-  `model.get_config()`; the config goes to `assets.extra/model_config.json` as a model dir stores it."""
+  `model.get_config()`; the config goes to `assets.extra/model_config.json` as a model dir stores it.
+
+  `precision` "bfloat16" rebuilds the model (and the image network) under the `mixed_bfloat16` policy
+  with the same weights; the signatures' inputs and outputs stay float32 (`mmv_tf.precision`)."""
   import keras
   import tensorflow as tf
   from mmv_tf import files
+  from mmv_tf import precision as precision_lib
   from mmv_tf.families import model_dir as model_dir_lib, registry
 
+  precision_lib.check_precision(precision)
   family = family or registry.family_of(model)
   model_config = family.complete_config(model_config if model_config is not None else model.get_config())
   preprocessing = family.preprocessing(model_config)
+  model = precision_lib.convert_model(family=family, config=model_config, model=model, precision=precision)
+  if image_model is not None:
+    image_model = precision_lib.convert_image_model(image_model, precision=precision)
   with tempfile.TemporaryDirectory(prefix="mmv-export-vocab-") as workdir:
     tokenizer = None
     if vocabulary is not None:
@@ -175,7 +196,8 @@ def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_m
     if tokenizer is not None:
       archive.track(tokenizer)
     for sig in signatures.values():  # the first one becomes serving_default
-      archive.add_endpoint(name=sig.name, fn=sig.fn, input_signature=[sig.input_spec])
+      fn = sig.fn if precision == "float32" else _float32_outputs(sig.fn)
+      archive.add_endpoint(name=sig.name, fn=fn, input_signature=[sig.input_spec])
     archive.write_out(path, verbose=False)
 
   vocabulary_asset = _vocabulary_asset(path) if tokenizer is not None else None
@@ -185,6 +207,8 @@ def write_saved_model(*, model, path: str, family=None, vocabulary=None, image_m
       "format": "mmv_tf SavedModel",
       "family": family.name,
       "model_name": model_name,
+      # Compute precision inside the graphs (inputs and outputs are float32 either way).
+      "precision": precision,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "tensorflow": tf.__version__,
       "keras": keras.__version__,
@@ -215,7 +239,7 @@ def export_saved_model(*, model, export_base: str, family=None, version: Optiona
                        vocabulary: Union[str, Sequence[str], None] = None, image_model=None,
                        warmup: bool = True, model_name: str = "mmv", check_ops: bool = True,
                        extra_info: Optional[Dict[str, Any]] = None,
-                       model_config: Optional[Dict[str, Any]] = None) -> str:
+                       model_config: Optional[Dict[str, Any]] = None, precision: str = "float32") -> str:
   """Exports `model` to `export_base/<version>` atomically; returns the version directory.
 
   Args:
@@ -229,8 +253,13 @@ def export_saved_model(*, model, export_base: str, family=None, version: Optiona
     check_ops: fail (and leave no version) if a graph uses an op stock TF Serving does not link.
     model_config: the model config written to `assets.extra/model_config.json` (default:
       `model.get_config()`); evaluation reads preprocessing settings from it.
+    precision: "float32" or "bfloat16" (compute in bfloat16 inside, float32 inputs and outputs; recorded
+      as `precision` in `assets.extra/mmv_export.json`).
   """
   import tensorflow as tf
+  from mmv_tf import precision as precision_lib
+
+  precision_lib.check_precision(precision)  # before anything is written
 
   if version is not None and (int(version) != version or version < 0):
     raise ValueError(f"version must be a non-negative integer, got {version!r}")
@@ -243,7 +272,7 @@ def export_saved_model(*, model, export_base: str, family=None, version: Optiona
   try:
     write_saved_model(model=model, path=tmp, family=family, vocabulary=vocabulary, image_model=image_model,
                       warmup=warmup, model_name=model_name, extra_info=extra_info,
-                      model_config=model_config)
+                      model_config=model_config, precision=precision)
     if check_ops:
       ops_allowlist.check_ops(tmp)
     with _export_lock(export_base):
@@ -262,10 +291,15 @@ def export_saved_model(*, model, export_base: str, family=None, version: Optiona
 
 def export_from_model_dir(*, model_dir: str, export_base: str, version: Optional[int] = None,
                           warmup: bool = True, model_name: str = "mmv", checkpoint: Optional[str] = None,
-                          image_signatures: bool = True, family: Optional[str] = None) -> str:
-  """Restores the latest checkpoint of `model_dir` and exports it (vocabulary `model_dir/vocab.txt`)."""
+                          image_signatures: bool = True, family: Optional[str] = None,
+                          precision: str = "float32") -> str:
+  """Restores the latest checkpoint of `model_dir` and exports it (vocabulary `model_dir/vocab.txt`) in
+  `precision` ("float32" or "bfloat16", see `export_saved_model`)."""
   import tensorflow as tf
+  from mmv_tf import precision as precision_lib
   from mmv_tf.families import model_dir as model_dir_lib
+
+  precision_lib.check_precision(precision)  # before the (slow) restore
 
   fam, model_config, model = model_dir_lib.restore(model_dir, checkpoint=checkpoint, family=family)
   vocabulary = model_dir_lib.vocabulary_path(model_dir)
@@ -277,7 +311,7 @@ def export_from_model_dir(*, model_dir: str, export_base: str, version: Optional
   ckpt = checkpoint or tf.train.latest_checkpoint(model_dir)
   return export_saved_model(model=model, family=fam, export_base=export_base, version=version,
                             vocabulary=vocabulary, image_model=image_model, warmup=warmup, model_name=model_name,
-                            model_config=model_config,
+                            model_config=model_config, precision=precision,
                             extra_info={"model_dir": model_dir, "checkpoint": ckpt, "model_config": model_config,
                                         "image_signatures": image_model is not None,
                                         "image_signatures_missing_reason": reason})

@@ -311,6 +311,7 @@ class LoadedVersion:
     self.version = version
     self.path = path
     self.warmup_requests_replayed = 0
+    self.precision = export_precision(path)
     saved_model = saved_model_pb2.SavedModel()
     with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as f:
       saved_model.ParseFromString(f.read())
@@ -331,6 +332,21 @@ class LoadedVersion:
       raise invalid(f"Serving signature key \"{name}\" not found. Available signatures: "
                     f"{sorted(self.runners)}")
     return self.runners[name]
+
+
+def export_precision(path: str) -> str:
+  """The compute precision an export records (`assets.extra/mmv_export.json`); "float32" for exports
+  written before it was recorded, "unknown" for SavedModels that mmv_tf did not write."""
+  import tensorflow as tf
+  info_path = os.path.join(path, warmup_lib.WARMUP_DIR, "mmv_export.json")
+  if not tf.io.gfile.exists(info_path):
+    return "unknown"
+  try:
+    with tf.io.gfile.GFile(info_path) as f:
+      return str(json.load(f).get("precision", "float32"))
+  except (ValueError, OSError) as e:  # metadata is informative only: never fail a load over it
+    log.warning("%s: unreadable (%s)", info_path, e)
+    return "unknown"
 
 
 def list_versions(base_path: str) -> List[int]:
@@ -426,8 +442,14 @@ class ModelManager:
       self.states[version] = (AVAILABLE, "")
       if old is not None:
         self.states[old.version] = (END, "")
-    log.info("model %s: serving version %d (%s) loaded in %.1f s", self.name, version, path,
-             time.time() - started)
+    log.info("model %s: serving version %d (%s, precision %s) loaded in %.1f s", self.name, version, path,
+             loaded.precision, time.time() - started)
+    if loaded.precision == "bfloat16":
+      from mmv_tf import precision as precision_lib
+      support = precision_lib.cpu_bf16_support()
+      # Without bf16 units TF emulates bfloat16 through float32 conversions: slower than a float32 export.
+      (log.info if support.has_bf16_units else log.warning)(
+          "model %s version %d computes in bfloat16 on %s", self.name, version, support.describe())
 
   def _warmup(self, loaded: LoadedVersion) -> None:
     path = warmup_lib.warmup_path(loaded.path)

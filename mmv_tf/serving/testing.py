@@ -3,6 +3,7 @@
 `tiny_model_dir(root)` writes a model dir (config, checkpoint, vocabulary) from a freshly built tiny MMV model;
 `tiny_export()` exports it with `mmv-tf export` in a subprocess that never imports tensorflow_io, and returns the
 paths plus the in-process model and its deflated image network (same weights as the export).
+`tiny_export(precision="bfloat16")` exports the same model dir with `--precision bfloat16`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Optional
+from typing import Dict
 
 VOCABULARY = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "the", "dog", "cat", "plays", "guitar", "person",
               "is", "playing", "barks", "car", "red", "blue", "music", "man", "woman", "sings", "runs"]
@@ -40,7 +41,7 @@ class TinyExport:
   export_log: str
 
 
-_CACHE: Optional[TinyExport] = None
+_CACHE: Dict[str, TinyExport] = {}  # by precision
 
 
 def tiny_model_dir(root: str):
@@ -66,20 +67,25 @@ def run_export(*, model_dir: str, export_base: str, extra_args=(), timeout: floa
                         capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def tiny_export() -> TinyExport:
-  """The process-wide tiny export (created on first use in a temporary directory)."""
-  global _CACHE
-  if _CACHE is not None:
-    return _CACHE
+def tiny_export(*, precision: str = "float32") -> TinyExport:
+  """The process-wide tiny export in `precision` (created on first use in a temporary directory); every
+  precision exports the float32 export's model dir, so they hold the same weights."""
+  if precision in _CACHE:
+    return _CACHE[precision]
   from mmv_tf.models import deflation
-  root = tempfile.mkdtemp(prefix="mmv-serving-test-")
-  model_dir, model = tiny_model_dir(root)
-  export_base = os.path.join(root, "export")
-  result = run_export(model_dir=model_dir, export_base=export_base)
+  if precision == "float32":
+    root = tempfile.mkdtemp(prefix="mmv-serving-test-")
+    model_dir, model = tiny_model_dir(root)
+    image_model = deflation.deflate(model.video_backbone)
+    export_base, extra_args = os.path.join(root, "export"), ()
+  else:
+    base = tiny_export()
+    root, model_dir, model, image_model = base.root, base.model_dir, base.model, base.image_model
+    export_base, extra_args = os.path.join(root, f"export-{precision}"), ("--precision", precision)
+  result = run_export(model_dir=model_dir, export_base=export_base, extra_args=extra_args)
   if result.returncode != 0:
     raise RuntimeError(f"mmv-tf export failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}")
-  image_model = deflation.deflate(model.video_backbone)
-  _CACHE = TinyExport(root=root, model_dir=model_dir, export_base=export_base,
-                      version_dir=os.path.join(export_base, "1"), model=model, image_model=image_model,
-                      export_log=result.stdout + result.stderr)
-  return _CACHE
+  _CACHE[precision] = TinyExport(root=root, model_dir=model_dir, export_base=export_base,
+                                 version_dir=os.path.join(export_base, "1"), model=model, image_model=image_model,
+                                 export_log=result.stdout + result.stderr)
+  return _CACHE[precision]
