@@ -136,3 +136,84 @@ def run_backbone_test(*, make_model, inputs, tmp_path, output_key="features", ex
     assert_mixed_precision_close(model, inputs, policy, output_key=output_key, output_dtype=output_dtype,
                           reference=reference)
   return model, reference
+
+
+def _train_and_resume(*, family, model_config, model_dir, train_files, strategy, expect_loss_drop, **options):
+  """2 steps, then a resume to 4 from the model dir alone (it records the family)."""
+  from mmv_tf.training import trainer
+  common = dict(model_dir=model_dir, batch_size=4, model_config=model_config, train_files=train_files,
+                learning_rate=0.05, schedule="constant", log_every=1, checkpoint_every=2,
+                print_fn=lambda line: None, **options)
+  first = trainer.train(steps=2, strategy=strategy, family=family.name, **common)
+  assert first.step == 2 and all(np.isfinite(h["loss"]) for h in first.history)
+  resumed = trainer.train(steps=4, strategy=strategy, **common)
+  assert resumed.resumed_from == 2 and resumed.step == 4
+  if expect_loss_drop:
+    assert resumed.history[-1]["loss"] < first.history[0]["loss"]
+  return first, resumed
+
+
+def _wait_available(server, name, timeout=120.0):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      server.manager.resolve(model_name=name)
+      return
+    except Exception:  # not loaded yet
+      time.sleep(0.2)
+  raise TimeoutError("the export did not become available")
+
+
+def _serve(export_base, name, signature, inputs):
+  """`inputs` sent over gRPC to `mmv-tf serve`'s server on a free port -> {output: array}."""
+  from mmv_tf.serving import client as client_lib, server as server_lib
+  server = server_lib.ModelServer(server_lib.ServerOptions(
+      model_name=name, model_base_path=export_base, port=0, rest_api_port=-1))
+  grpc_port, _ = server.start()
+  try:
+    _wait_available(server, name)
+    with client_lib.ServingClient(server=f"127.0.0.1:{grpc_port}", model_name=name) as client:
+      return {k: np.asarray(v) for k, v in client.predict(signature, inputs).items()}
+  finally:
+    server.stop()
+
+
+def run_family_test(*, family, model_config, data_dir, tmp_path, serve_input, signature=None,
+                    eval_tasks=("probe",), expect_loss_drop=True, rtol=1e-5, atol=1e-6, **train_options):
+  """The life of a family's model: train 2 steps under MirroredStrategy over 2 logical CPUs, resume to 4,
+  export, then the loaded export, and `mmv-tf serve` over gRPC, give for `serve_input` what the family's
+  `signature` (default: the export's serving_default) gives on the restored model; finally the shared
+  evaluation runner evaluates the model dir. Returns what a test checks further: {"first", "resumed",
+  "export_info", "evaluation"}."""
+  from mmv_tf import families
+  from mmv_tf.evaluation import runner
+  from mmv_tf.serving import export
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+  assert len(devices) == 2, "conftest.py should give TensorFlow 2 logical CPUs"
+  model_dir, export_base = os.path.join(str(tmp_path), "run"), os.path.join(str(tmp_path), "export")
+  first, resumed = _train_and_resume(
+      family=family, model_config=model_config, model_dir=model_dir, expect_loss_drop=expect_loss_drop,
+      train_files=os.path.join(data_dir, "train-*.tfrecord"),
+      strategy=tf.distribute.MirroredStrategy(devices), **train_options)
+
+  version = export.export_from_model_dir(model_dir=model_dir, export_base=export_base)
+  with open(os.path.join(version, "assets.extra", "mmv_export.json")) as f:
+    info = json.load(f)
+  assert info["family"] == family.name
+  signature = signature or info["serving_default"]
+  _, _, restored = families.restore(model_dir)
+  sig = family.signatures(restored)[signature]
+  want = as_numpy_dict(sig.fn(tf.constant(serve_input)))
+  assert set(want) == set(sig.outputs)
+  inputs = {sig.input_spec.name: serve_input}
+  loaded = tf.saved_model.load(version).signatures[signature]
+  got = as_numpy_dict(loaded(**{k: tf.constant(v) for k, v in inputs.items()}))
+  _assert_same_outputs(got, want, "loaded export", rtol=rtol, atol=atol)
+  _assert_same_outputs(_serve(export_base, family.name, signature, inputs), want, "served over gRPC",
+                       rtol=rtol, atol=atol)
+
+  evaluation = runner.evaluate(output_dir=os.path.join(str(tmp_path), "eval"), model_dir=model_dir,
+                               tasks=eval_tasks, eval_pattern=os.path.join(data_dir, "eval-*.tfrecord"),
+                               train_pattern=os.path.join(data_dir, "train-*.tfrecord"), report=False,
+                               verbose=False)
+  return {"first": first, "resumed": resumed, "export_info": info, "evaluation": evaluation}
