@@ -13,7 +13,8 @@ its own, so a test can run only some of them:
 `run_family_test` is the end-to-end life of a model family: train under MirroredStrategy, resume, export,
 load, serve over gRPC and evaluate, each compared with the restored model.
 
-Outputs are compared as {name: array}: a dict output as it is, a single tensor as {"output": tensor}.
+Outputs are compared as {name: array}: a dict output as it is (nested dicts flattened to "outer/inner"),
+a single tensor as {"output": tensor}.
 """
 from __future__ import annotations
 
@@ -33,10 +34,15 @@ JIT_RTOL, JIT_ATOL = 1e-4, 1e-5
 SAVED_MODEL_RTOL, SAVED_MODEL_ATOL = 1e-5, 1e-6
 
 
-def as_numpy_dict(outputs) -> dict:
-  if isinstance(outputs, dict):
-    return {k: np.asarray(v) for k, v in outputs.items()}
-  return {"output": np.asarray(outputs)}
+def as_numpy_dict(outputs, prefix="") -> dict:
+  """{name: array}; nested dicts (e.g. MMV's {modality: {space: tensor}}) flatten to "video/va"."""
+  if not isinstance(outputs, dict):
+    return {prefix or "output": np.asarray(outputs)}
+  flat = {}
+  for key, value in outputs.items():
+    flat.update(as_numpy_dict(value, f"{prefix}{key}/") if isinstance(value, dict) else
+                {f"{prefix}{key}": np.asarray(value)})
+  return flat
 
 
 def outputs_of(model, inputs) -> dict:
@@ -44,7 +50,8 @@ def outputs_of(model, inputs) -> dict:
   return as_numpy_dict(model(inputs, training=False))
 
 
-def _assert_same_outputs(got: dict, want: dict, what: str, **tolerance) -> None:
+def assert_same_outputs(got: dict, want: dict, what: str, **tolerance) -> None:
+  """Same output names, and every output bit-identical, or within `tolerance` (assert_allclose's rtol/atol)."""
   assert set(got) == set(want), f"{what}: outputs {sorted(got)} != {sorted(want)}"
   for key in want:
     if tolerance:
@@ -68,7 +75,7 @@ def assert_config_round_trip(model, inputs, *, reference=None):
   assert type(clone) is type(model) and clone.get_config() == model.get_config()
   copy_into(clone, model, inputs)
   reference = outputs_of(model, inputs) if reference is None else reference
-  _assert_same_outputs(outputs_of(clone, inputs), reference, "config round trip")
+  assert_same_outputs(outputs_of(clone, inputs), reference, "config round trip")
   return clone
 
 
@@ -88,13 +95,13 @@ def assert_saved_model_matches(model, inputs, export_dir, *, reference=None) -> 
   loaded = tf.saved_model.load(str(export_dir))
   reference = outputs_of(model, inputs) if reference is None else reference
   got = as_numpy_dict(loaded.serve(tf.nest.map_structure(tf.convert_to_tensor, inputs)))
-  _assert_same_outputs(got, reference, "SavedModel", rtol=SAVED_MODEL_RTOL, atol=SAVED_MODEL_ATOL)
+  assert_same_outputs(got, reference, "SavedModel", rtol=SAVED_MODEL_RTOL, atol=SAVED_MODEL_ATOL)
 
 
 def assert_jit_matches_eager(model, inputs, *, reference=None) -> None:
   jit = tf.function(lambda x: model(x, training=False), jit_compile=True)
   reference = outputs_of(model, inputs) if reference is None else reference
-  _assert_same_outputs(as_numpy_dict(jit(inputs)), reference, "jit_compile", rtol=JIT_RTOL, atol=JIT_ATOL)
+  assert_same_outputs(as_numpy_dict(jit(inputs)), reference, "jit_compile", rtol=JIT_RTOL, atol=JIT_ATOL)
 
 
 def assert_mixed_precision_close(model, inputs, policy, *, output_key="features", output_dtype="compute",
@@ -208,8 +215,8 @@ def run_family_test(*, family, model_config, data_dir, tmp_path, serve_input, si
   inputs = {sig.input_spec.name: serve_input}
   loaded = tf.saved_model.load(version).signatures[signature]
   got = as_numpy_dict(loaded(**{k: tf.constant(v) for k, v in inputs.items()}))
-  _assert_same_outputs(got, want, "loaded export", rtol=rtol, atol=atol)
-  _assert_same_outputs(_serve(export_base, family.name, signature, inputs), want, "served over gRPC",
+  assert_same_outputs(got, want, "loaded export", rtol=rtol, atol=atol)
+  assert_same_outputs(_serve(export_base, family.name, signature, inputs), want, "served over gRPC",
                        rtol=rtol, atol=atol)
 
   evaluation = runner.evaluate(output_dir=os.path.join(str(tmp_path), "eval"), model_dir=model_dir,

@@ -15,6 +15,7 @@ import tensorflow as tf
 from mmv_tf.families.brave import audio, augment, heads, losses
 from mmv_tf.training import optimizers, schedules
 from tests import harness
+from tests.model_test_utils import randomize_bn
 
 
 def _seed(i):
@@ -128,6 +129,7 @@ def test_head_shared_checks(tmp_path):
   head = heads.BraveHead(hidden_dim=16, output_dim=4)
   x = np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)
   head(x)
+  randomize_bn(head)  # so that a batch-norm statistic or bias left behind changes the outputs
   # The head casts back, so its outputs stay float32 under a mixed policy.
   harness.run_backbone_test(make_model=lambda: head, inputs=x, tmp_path=tmp_path, output_key="prediction",
                             output_dtype="float32", expected_shapes={"projection": (3, 4), "prediction": (3, 4)})
