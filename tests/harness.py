@@ -72,7 +72,8 @@ def assert_config_round_trip(model, inputs, *, reference=None):
   """serialize -> deserialize: same class and config; with the weights copied, identical outputs.
   Returns the clone (e.g. for checks of its training mode)."""
   clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
-  assert type(clone) is type(model) and clone.get_config() == model.get_config()
+  assert type(clone) is type(model), f"config round trip: {type(clone)} is not {type(model)}"
+  assert clone.get_config() == model.get_config(), "config round trip: the clone's config differs"
   copy_into(clone, model, inputs)
   reference = outputs_of(model, inputs) if reference is None else reference
   assert_same_outputs(outputs_of(clone, inputs), reference, "config round trip")
