@@ -100,13 +100,14 @@ def assert_saved_model_matches(model, inputs, export_dir, *, reference=None) -> 
 
 
 def assert_jit_matches_eager(model, inputs, *, reference=None) -> None:
+  """The model compiled with XLA (`jit_compile=True`) gives the eager outputs."""
   jit = tf.function(lambda x: model(x, training=False), jit_compile=True)
   reference = outputs_of(model, inputs) if reference is None else reference
   assert_same_outputs(as_numpy_dict(jit(inputs)), reference, "jit_compile", rtol=JIT_RTOL, atol=JIT_ATOL)
 
 
 def assert_mixed_precision_close(model, inputs, policy, *, output_key="features", output_dtype="compute",
-                          reference=None) -> None:
+                                 reference=None) -> None:
   """The model rebuilt from its config under `policy` with `model`'s (float32) weights: `output_key`
   has `output_dtype` ("compute": the policy's half type; or e.g. "float32" for a model that casts back)
   and is within `precision.relative_error_bound` of float32."""
@@ -132,7 +133,8 @@ def run_backbone_test(*, make_model, inputs, tmp_path, output_key="features", ex
   model = make_model()
   reference = outputs_of(model, inputs)  # builds the model if needed
   if expected_shapes is not None:
-    assert {k: v.shape for k, v in reference.items()} == {k: tuple(s) for k, s in expected_shapes.items()}
+    shapes = {k: v.shape for k, v in reference.items()}
+    assert shapes == {k: tuple(s) for k, s in expected_shapes.items()}, f"output shapes {shapes}"
   assert all(v.dtype == np.float32 for v in reference.values()), "a float32 model must give float32 outputs"
   if check_round_trip:
     assert_config_round_trip(model, inputs, reference=reference)
@@ -142,7 +144,7 @@ def run_backbone_test(*, make_model, inputs, tmp_path, output_key="features", ex
     assert_jit_matches_eager(model, inputs, reference=reference)
   for policy in mixed_precision:
     assert_mixed_precision_close(model, inputs, policy, output_key=output_key, output_dtype=output_dtype,
-                          reference=reference)
+                                 reference=reference)
   return model, reference
 
 
@@ -218,7 +220,7 @@ def run_family_test(*, family, model_config, data_dir, tmp_path, serve_input, si
   got = as_numpy_dict(loaded(**{k: tf.constant(v) for k, v in inputs.items()}))
   assert_same_outputs(got, want, "loaded export", rtol=rtol, atol=atol)
   assert_same_outputs(_serve(export_base, family.name, signature, inputs), want, "served over gRPC",
-                       rtol=rtol, atol=atol)
+                      rtol=rtol, atol=atol)
 
   evaluation = runner.evaluate(output_dir=os.path.join(str(tmp_path), "eval"), model_dir=model_dir,
                                tasks=eval_tasks, eval_pattern=os.path.join(data_dir, "eval-*.tfrecord"),
