@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 
 import keras
 import numpy as np
@@ -21,6 +20,7 @@ from mmv_tf import families
 from mmv_tf.data import pipeline, synthetic
 from mmv_tf.models import checkpointing
 from mmv_tf.serving import signatures as S
+from tests import harness
 
 
 class ToyNet(keras.Model):
@@ -169,59 +169,11 @@ def test_model_dir_records_the_family(tmp_path, toy):
     families.resolve_family(model_dir=str(tmp_path / "empty"))
 
 
-def _wait_available(server, name, timeout=120.0):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    try:
-      server.manager.resolve(model_name=name)
-      return
-    except Exception:  # not loaded yet
-      time.sleep(0.2)
-  raise TimeoutError("the export did not become available")
-
-
 def test_toy_family_trains_resumes_exports_serves_and_evaluates(tmp_path, toy, data):
-  from mmv_tf.evaluation import runner
-  from mmv_tf.serving import client as client_lib, export, server as server_lib
-  from mmv_tf.training import trainer
-  model_dir = str(tmp_path / "run")
-  mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
-  common = dict(model_dir=model_dir, batch_size=4, family="toy", model_config={"dim": 3},
-                train_files=os.path.join(data, "train-*.tfrecord"), learning_rate=0.05, schedule="constant",
-                log_every=1, checkpoint_every=2, print_fn=lambda line: None)
-  first = trainer.train(steps=2, strategy=mirrored, **common)
-  assert first.step == 2 and all(np.isfinite(h["loss"]) for h in first.history)
-  assert "loss/norm_gap" in first.history[0]
-  # Resume: the model dir names the family, so `family` may be omitted.
-  common.pop("family")
-  resumed = trainer.train(steps=4, strategy=mirrored, **common)
-  assert resumed.resumed_from == 2 and resumed.step == 4
-  assert resumed.history[-1]["loss"] < first.history[0]["loss"]
-
-  version = export.export_from_model_dir(model_dir=model_dir, export_base=str(tmp_path / "export"))
-  with open(os.path.join(version, "assets.extra", "mmv_export.json")) as f:
-    info = json.load(f)
-  assert info["family"] == "toy" and info["serving_default"] == "video"
-  _, _, restored = families.restore(model_dir)
   clip = np.random.default_rng(0).uniform(size=(2, 2, 16, 16, 3)).astype(np.float32)
-  want = restored(clip)["embedding"].numpy()
-  loaded = tf.saved_model.load(version)
-  np.testing.assert_allclose(loaded.signatures["video"](video=tf.constant(clip))["embedding"].numpy(), want,
-                             rtol=1e-5, atol=1e-6)
-
-  server = server_lib.ModelServer(server_lib.ServerOptions(
-      model_name="toy", model_base_path=str(tmp_path / "export"), port=0, rest_api_port=-1))
-  grpc_port, _ = server.start()
-  try:
-    _wait_available(server, "toy")
-    with client_lib.ServingClient(server=f"127.0.0.1:{grpc_port}", model_name="toy") as client:
-      got = client.predict("video", {"video": clip})["embedding"]
-  finally:
-    server.stop()
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-  result = runner.evaluate(output_dir=str(tmp_path / "eval"), model_dir=model_dir, tasks=("probe",),
-                           eval_pattern=os.path.join(data, "eval-*.tfrecord"),
-                           train_pattern=os.path.join(data, "train-*.tfrecord"), report=False, verbose=False)
-  probe = result["tasks"]["linear_probe_video"]
+  result = harness.run_family_test(family=toy, model_config={"dim": 3}, data_dir=data, tmp_path=tmp_path,
+                                   serve_input=clip)
+  assert "loss/norm_gap" in result["first"].history[0]
+  assert result["export_info"]["serving_default"] == "video"
+  probe = result["evaluation"]["tasks"]["linear_probe_video"]
   assert probe["feature"] == "video/before_head" and 0.0 <= probe["top1"] <= 1.0, probe

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import keras
-
 from mmv_tf.models.heads import EmbeddingHead, parse_head_mode
+from tests import harness
 
 
 def _set_random(head, rng):
@@ -88,18 +87,14 @@ def test_training_mode_uses_batch_statistics():
   np.testing.assert_allclose(y.std(0), 1, atol=1e-3)
 
 
-def test_config_round_trip_identical_outputs():
+def test_shared_checks(tmp_path):
   rng = np.random.default_rng(3)
   head = EmbeddingHead(output_dim=6, mode="mlp@5", bn_after_proj=True, name="vid2audio_embd")
   head.build((None, 7))
   _set_random(head, rng)
-  clone = EmbeddingHead.from_config(head.get_config())
-  clone.build((None, 7))
-  clone.set_weights(head.get_weights())
   x = rng.normal(size=(2, 7)).astype("float32")
-  np.testing.assert_array_equal(clone(x).numpy(), head(x).numpy())
-  restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(head))
-  assert isinstance(restored, EmbeddingHead) and restored.mode == "mlp@5" and restored.bn_after_proj
+  harness.run_backbone_test(make_model=lambda: head, inputs=x, tmp_path=tmp_path, output_key=None,
+                            expected_shapes={"output": (2, 6)})
 
 
 def test_haiku_style_initialisation():

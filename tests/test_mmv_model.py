@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from mmv_tf import cli
 from mmv_tf.families.mmv import model as mmv
+from tests import harness
 
 VOCAB = 30
 
@@ -108,10 +109,7 @@ def test_config_json_round_trip_identical_outputs(tsm_models):
   assert [v.path for v in clone.variables] == [v.path for v in fac.variables]
   clone.set_weights(fac.get_weights())
   batch = _batch(fac, seed=1)
-  a, b = fac(batch), clone(batch)
-  for m in a:
-    for k in a[m]:
-      np.testing.assert_array_equal(a[m][k].numpy(), b[m][k].numpy())
+  harness.assert_same_outputs(harness.outputs_of(clone, batch), harness.outputs_of(fac, batch), "JSON round trip")
   with pytest.raises(ValueError, match="unknown MMV model config keys"):
     mmv.build_mmv_model(**{**config, "va_dimension": 3})
 
@@ -148,12 +146,7 @@ def test_checkpoint_round_trip_restores_every_variable(fac, tmp_path):
 
 
 def test_jit_compiled_forward_equals_eager(fac):
-  batch = _batch(fac, seed=3)
-  eager = fac(batch, training=False)
-  jitted = tf.function(lambda x: fac(x, training=False), jit_compile=True)(batch)
-  for m in eager:
-    for k in eager[m]:
-      np.testing.assert_allclose(jitted[m][k].numpy(), eager[m][k].numpy(), rtol=1e-4, atol=1e-5)
+  harness.assert_jit_matches_eager(fac, _batch(fac, seed=3))
 
 
 def _write_images(path, n, size=40):

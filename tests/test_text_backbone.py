@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
-import keras
 import tensorflow as tf
 
 from mmv_tf.data.word2vec import embedding_table as load_word2vec
 from mmv_tf.models.backbones.text import TextBackbone
+from tests import harness
 
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "dog", "Cat", "run"]
 
@@ -35,31 +35,40 @@ def test_load_word2vec_text_and_binary(tmp_path):
     np.testing.assert_allclose(table[6], vecs["run"], rtol=1e-6)
 
 
-def test_forward_matches_numpy_without_mask_and_frozen_table():
+IDS = np.array([[[4, 5, 0, 0], [6, 0, 0, 0]], [[3, 3, 4, 0], [1, 2, 6, 5]]], np.int32)  # [B=2,K=2,L=4]
+
+
+def _tiny():
+  """A tiny frozen-table text tower with random table, kernel and bias: (model, table, kernel, bias)."""
   model = TextBackbone(vocab_size=7, embedding_dim=4, output_dim=6)
-  ids = np.array([[[4, 5, 0, 0], [6, 0, 0, 0]], [[3, 3, 4, 0], [1, 2, 6, 5]]], np.int32)  # [B=2,K=2,L=4]
-  model(ids)
+  model(IDS)
   rng = np.random.default_rng(1)
   table = rng.normal(size=(7, 4)).astype(np.float32)
   model.set_embeddings(table)
   w, b = rng.normal(size=(1, 4, 6)), rng.normal(size=6)
   model.text_conv1.kernel.assign(w)
   model.text_conv1.bias.assign(b)
-  out = model(ids)["features"].numpy()
-  expected = np.maximum(table[ids] @ w[0] + b, 0).max(axis=-2)  # pad id 0 takes part in the max
+  return model, table, w, b
+
+
+def test_forward_matches_numpy_without_mask_and_frozen_table():
+  model, table, w, b = _tiny()
+  out = model(IDS)["features"].numpy()
+  expected = np.maximum(table[IDS] @ w[0] + b, 0).max(axis=-2)  # pad id 0 takes part in the max
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(model(ids[:, 0])["features"].numpy(), expected[:, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model(IDS[:, 0])["features"].numpy(), expected[:, 0], rtol=1e-5, atol=1e-6)
   assert [v.path.split("/")[-1] for v in model.trainable_variables] == ["kernel", "bias"]
-  clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
-  clone(ids)
-  clone.set_weights(model.get_weights())
-  np.testing.assert_array_equal(clone(ids)["features"].numpy(), out)
   trainable = TextBackbone(vocab_size=7, embedding_dim=4, output_dim=6, trainable_embedding=True)
-  trainable(ids)
+  trainable(IDS)
   with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(trainable(ids)["features"])
+    loss = tf.reduce_sum(trainable(IDS)["features"])
   grads = tape.gradient(loss, trainable.trainable_variables)
   assert len(grads) == 3 and all(g is not None for g in grads)
+
+
+def test_shared_checks(tmp_path):
+  harness.run_backbone_test(make_model=lambda: _tiny()[0], inputs=IDS, tmp_path=tmp_path,
+                            expected_shapes={"features": (2, 2, 6)})
 
 
 def test_released_size_parameter_count():

@@ -1,15 +1,13 @@
 """TSM-ResNet backbone and MMV's temporal shift."""
 from __future__ import annotations
 
-
 import numpy as np
-import keras
 import pytest
 import tensorflow as tf
 
 from mmv_tf.models import layers as mmv_layers
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
-from tests import precision
+from tests import harness
 from tests.model_test_utils import assert_matches_reference, randomize_bn, reference_params
 
 
@@ -26,7 +24,6 @@ def numpy_shift(x, num_frames, fraction=0.125):
     if t > 0:
       out[:, t, ..., c - n:] = v[:, t - 1, ..., :n]
   return out.reshape(x.shape)
-
 
 
 def test_shift_worked_example():
@@ -93,33 +90,6 @@ def test_frames_interact_only_through_the_shift(tiny):
   np.testing.assert_array_equal(no_shift(x2, training=False)["last_conv"].numpy()[:, 1:], ref[:, 1:])
 
 
-def test_config_round_trip_gives_identical_outputs(tiny):
+def test_shared_backbone_checks(tiny, tmp_path):
   model, x = tiny
-  clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
-  assert isinstance(clone, TSMResNet) and clone.get_config() == model.get_config()
-  clone(x)
-  clone.set_weights(model.get_weights())
-  np.testing.assert_array_equal(clone(x)["features"].numpy(), model(x)["features"].numpy())
-
-
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_close_to_float32(tiny, policy):
-  ref_model, x = tiny
-  ref = ref_model(x)["features"].numpy()
-  keras.mixed_precision.set_global_policy(policy)
-  try:
-    model = TSMResNet.from_config(ref_model.get_config())
-    model(x)
-    model.set_weights(ref_model.get_weights())
-    out = model(x)["features"]
-  finally:
-    keras.mixed_precision.set_global_policy("float32")
-  assert out.dtype == tf.as_dtype(precision.compute_dtype(policy))
-  precision.assert_close_to_float32(out.numpy(), ref, policy=policy, model=ref_model)
-
-
-def test_jit_compile_equals_eager(tiny):
-  model, x = tiny
-  eager = model(x, training=False)["features"].numpy()
-  jit = tf.function(lambda v: model(v, training=False)["features"], jit_compile=True)(x).numpy()
-  np.testing.assert_allclose(jit, eager, rtol=1e-4, atol=1e-5)
+  harness.run_backbone_test(make_model=lambda: model, inputs=x, tmp_path=tmp_path)
