@@ -215,7 +215,8 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
   train_commands.register_configurables()
   gin_utils.parse_gin([config.gin_file], training_bindings(config, data_dir=data_dir, precision=precision))
   from mmv_tf.training import strategy as strategy_lib
-  strategy = strategy_lib.make_strategy("mirrored", devices=[d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  cpus = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+  strategy = strategy_lib.make_strategy("mirrored", devices=cpus)  # the process's one (strategy.py)
   train = gin.get_configurable("train")
   result = train(model_dir=model_dir, strategy=strategy, print_fn=lambda s: print_fn("  " + s))
   gin_utils.write_operative_config(model_dir)
