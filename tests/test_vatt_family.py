@@ -264,3 +264,20 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   # Retrieval in VATT's spaces: text->video in S_vat, audio->video in S_va (waveform through the embedder).
   for task in ("text_to_video", "video_to_text", "audio_to_video", "video_to_audio"):
     assert 0.0 <= tasks[task]["R@10"] <= 1.0, (task, tasks[task])
+
+
+def test_training_data_has_the_views_and_the_waveform_noise(family, data):
+  config = family.complete_config(_config())
+  def first_batch(noise):
+    make = family.train_dataset_fn(config, file_patterns=os.path.join(data, "train-*.tfrecord"),
+                                   vocabulary=["<pad>", "<bos>", "<eos>", "<unk>", "a", "red"], seed=7,
+                                   options={"shuffle_buffer": 4, "audio_noise": noise})
+    return next(iter(make(input_context=None, batch_size=4)))
+  clean, noisy = first_batch(0.0), first_batch(0.5)
+  assert clean["video"].shape == (4, 4, 16, 16, 3) and clean["audio"].shape == (4, 19200)
+  assert clean["text_ids"].shape == (4, 2, 16) and "log_mel" not in clean  # raw waveform only
+  np.testing.assert_array_equal(noisy["video"], clean["video"])
+  ratio = np.std(noisy["audio"] - clean["audio"], axis=1) / np.abs(clean["audio"]).max(axis=1)
+  np.testing.assert_allclose(ratio, 0.5, rtol=0.05)
+  with pytest.raises(ValueError, match="belong to the model config's `preprocessing`"):
+    family.train_dataset_fn(config, file_patterns="x", vocabulary=None, seed=0, options={"num_frames": 8})

@@ -18,6 +18,28 @@ from mmv_tf.families.vatt import model as vatt_model
 _PREPROCESSING_OPTIONS = tuple(vatt_model.DEFAULT_PREPROCESSING) + ("frame_rate", "num_frames", "with_waveform")
 # Run options that configure the video view rather than the dataset.
 _VIDEO_OPTIONS = ("random_flip", "color_augmentation", "scale_jitter", "color_drop_prob")
+# VATT's waveform augmentation (released code: `audio_noise=0.01`): Gaussian noise, std = level * max|x| per clip.
+_AUDIO_NOISE = "audio_noise"
+DEFAULT_AUDIO_NOISE = 0.01
+
+
+def audio_noise(level: float):
+  """A `make_pretraining_dataset(customize=...)` hook adding VATT's waveform noise (training only), drawn from
+  the example's seed (`pipeline.sub_seed`): reproducible with the pipeline's seed."""
+  from mmv_tf.data import features as F
+  from mmv_tf.data import pipeline
+
+  def add_noise(feats, state):
+    x = feats[F.AUDIO]
+    noise = tf.random.stateless_normal(tf.shape(x), seed=pipeline.sub_seed(state, "vatt_audio_noise"))
+    feats[F.AUDIO] = x + level * tf.reduce_max(tf.abs(x)) * noise
+    return feats
+
+  def customize(processor):
+    if level:
+      processor.add_fn(pipeline.Phase.AUGMENT, "vatt_audio_noise", add_noise)
+
+  return customize
 
 
 def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
@@ -68,9 +90,10 @@ class VATTFamily(Family):
       raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
                        "of data settings for training, evaluation and export); set them there")
     spec = pipeline_spec(self.preprocessing(config), options)
-    rest = {k: v for k, v in options.items() if k not in _VIDEO_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in _VIDEO_OPTIONS + (_AUDIO_NOISE,)}
     return functools.partial(pipeline.make_pretraining_dataset, file_patterns=file_patterns,
-                             vocabulary=vocabulary, seed=seed, spec=spec, **rest)
+                             vocabulary=vocabulary, seed=seed, spec=spec,
+                             customize=audio_noise(float(options.get(_AUDIO_NOISE, DEFAULT_AUDIO_NOISE))), **rest)
 
   def make_loss(self, config, *, temperature: float = 0.07, va_weight: float = 1.0, vt_weight: float = 1.0):
     """The released code's loss (`losses.vatt_loss`), not `mmv_tf.losses.mmv_loss`: one denominator with
