@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from mmv_tf import families
 from mmv_tf.families.vatt import model as vatt_model
+from mmv_tf.training import strategy as strategy_lib
 
 VOCAB = 40
 B = 4
@@ -165,7 +166,7 @@ def test_two_replicas_give_the_single_device_loss_and_gradients(family):
   batch = _batch(seed=3, batch=8, has_text=(1, 0, 1, 1, 1, 1, 0, 1))
   loss_fn = family.make_loss(config, temperature=0.1)
   one = family.build_model(config)
-  mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  mirrored = strategy_lib.make_strategy("mirrored")  # one per process (collective keys)
   assert mirrored.num_replicas_in_sync == 2
   with mirrored.scope():
     two = family.build_model(config)
@@ -225,7 +226,7 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   from mmv_tf.serving import export
   from mmv_tf.training import trainer
   model_dir = str(tmp_path / "run")
-  mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  mirrored = strategy_lib.make_strategy("mirrored")  # one per process (collective keys)
   common = dict(model_dir=model_dir, batch_size=8, model_config=vatt_model.tiny_vatt_config(
                     None, num_frames=4, stride=1, crop_size=16, video_patch_size=(2, 8, 8), audio_patch_size=640),
                 train_files=os.path.join(data, "train-*.tfrecord"), learning_rate=1e-3, schedule="constant",
