@@ -7,6 +7,7 @@ MirroredStrategy, resume, export, compare the SavedModel with the Keras model, e
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,7 +18,6 @@ import tensorflow as tf
 
 from mmv_tf import families
 from mmv_tf.families.vatt import model as vatt_model
-from mmv_tf.training import strategy as strategy_lib
 
 VOCAB = 40
 B = 4
@@ -36,6 +36,19 @@ def _batch(seed=0, batch=B, has_text=(1, 1, 0, 1)):
           "audio": rng.uniform(-1, 1, size=(batch, 19200)).astype(np.float32),
           "text_ids": rng.integers(1, VOCAB, size=(batch, 2, 16)).astype(np.int32),
           "text_mask": text_mask, "has_text": np.resize(np.asarray(has_text, np.float32), batch)}
+
+
+class _OwnKeysMirroredStrategy(tf.distribute.MirroredStrategy):
+  """MirroredStrategy over the 2 logical CPUs whose collectives use their own group keys (TF's
+  `_collective_key_base`): two MirroredStrategy objects in one process otherwise reuse group and instance keys,
+  and the second fails with "Shape mismatch in the collective instance 100" (tests/test_families.py builds its
+  own strategy, `mmv_tf.training.strategy.make_strategy` caches another)."""
+  _collective_key_base = 7000
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored():
+  return _OwnKeysMirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +179,7 @@ def test_two_replicas_give_the_single_device_loss_and_gradients(family):
   batch = _batch(seed=3, batch=8, has_text=(1, 0, 1, 1, 1, 1, 0, 1))
   loss_fn = family.make_loss(config, temperature=0.1)
   one = family.build_model(config)
-  mirrored = strategy_lib.make_strategy("mirrored")  # one per process (collective keys)
+  mirrored = _mirrored()
   assert mirrored.num_replicas_in_sync == 2
   with mirrored.scope():
     two = family.build_model(config)
@@ -226,7 +239,7 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   from mmv_tf.serving import export
   from mmv_tf.training import trainer
   model_dir = str(tmp_path / "run")
-  mirrored = strategy_lib.make_strategy("mirrored")  # one per process (collective keys)
+  mirrored = _mirrored()
   common = dict(model_dir=model_dir, batch_size=8, model_config=vatt_model.tiny_vatt_config(
                     None, num_frames=4, stride=1, crop_size=16, video_patch_size=(2, 8, 8), audio_patch_size=640),
                 train_files=os.path.join(data, "train-*.tfrecord"), learning_rate=1e-3, schedule="constant",
