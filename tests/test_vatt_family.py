@@ -269,6 +269,13 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   for key in ("before_head", "vat"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
+  # The shared evaluation accepts the export (signature names, inputs and outputs it checks at load time).
+  from mmv_tf.evaluation import features as FE
+  served = FE.SavedModelEmbedder(version)
+  wave = batch["audio"]
+  np.testing.assert_allclose(served.embed_waveform(wave)["va"], restored.embed_audio(wave)["va"], rtol=1e-4,
+                             atol=1e-5)
+
   result = runner.evaluate(output_dir=str(tmp_path / "eval"), model_dir=model_dir, tasks=("probe", "retrieval"),
                            eval_pattern=os.path.join(data, "eval-*.tfrecord"),
                            train_pattern=os.path.join(data, "train-*.tfrecord"), report=False, verbose=False)

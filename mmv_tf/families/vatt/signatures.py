@@ -4,13 +4,16 @@ docs/serving.md, docs/families.md).
 | signature | input (name dtype shape) | in-graph preprocessing | outputs |
 |---|---|---|---|
 | `video` (= `serving_default`) | `video` float32 [B,T,S,S,3] in [0,1] | [-1,1] (in the model) | `before_head`, `va`, `vat` |
-| `audio` | `audio` float32 [B,N] waveform in [-1,1] | none | `before_head`, `va`, `vat` |
+| `audio` | `audio` float32 [B,N] waveform in [-1,1] | none | `before_head` (= `last_conv`), `va`, `vat` |
 | `text` | `text` string [B] | `WordTokenizer` (vocabulary asset) | `before_head`, `vat` |
 | `text_ids` | `word_ids` int32 [B,max_tokens] | none | `before_head`, `vat` |
 
 T, S and N are fixed to the model's `num_frames`, `crop_size` and `num_audio_samples`: the backbones need a
 static token grid to re-sample their position tables (`backbones._table_for`), and a SavedModel signature has
-one input shape. Text has no S_va embedding. Audio reaches `vat` through the video's va->vat head.
+one input shape. Text has no S_va embedding. Audio reaches `vat` through the video's va->vat head. The audio
+signature also returns the pooled features as `last_conv`: the name the shared evaluation's SavedModel embedder
+requires of an `audio` signature (`mmv_tf.evaluation.features.SIGNATURE_SPECS`, MMV's outputs) and its audio
+probe reads.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from mmv_tf.serving import signatures as S
 SIGNATURE_ORDER = ("video", "audio", "text", "text_ids")
 VIDEO_OUTPUTS = ("before_head", "va", "vat")
 AUDIO_OUTPUTS = ("before_head", "va", "vat")
+AUDIO_SIGNATURE_OUTPUTS = AUDIO_OUTPUTS + ("last_conv",)
 TEXT_OUTPUTS = ("before_head", "vat")
 
 
@@ -44,9 +48,9 @@ def _audio_signature(model, p, rng) -> S.Signature:
 
   def audio(audio):
     out = model.embed_audio(S.with_checks([S.non_empty_batch(audio, "audio", "audio")], audio), training=False)
-    return {k: out[k] for k in AUDIO_OUTPUTS}
+    return {**{k: out[k] for k in AUDIO_OUTPUTS}, "last_conv": out["before_head"]}
 
-  return S.Signature("audio", tf.TensorSpec([None, n], tf.float32, name="audio"), audio, AUDIO_OUTPUTS,
+  return S.Signature("audio", tf.TensorSpec([None, n], tf.float32, name="audio"), audio, AUDIO_SIGNATURE_OUTPUTS,
                      f"mono waveform in [-1,1] at {p['sample_rate']} Hz, N={n} samples (fixed)",
                      rng.uniform(-0.5, 0.5, size=(1, n)).astype(np.float32))
 
