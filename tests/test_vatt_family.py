@@ -7,7 +7,6 @@ MirroredStrategy, resume, export, compare the SavedModel with the Keras model, e
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -38,17 +37,10 @@ def _batch(seed=0, batch=B, has_text=(1, 1, 0, 1)):
           "text_mask": text_mask, "has_text": np.resize(np.asarray(has_text, np.float32), batch)}
 
 
-class _OwnKeysMirroredStrategy(tf.distribute.MirroredStrategy):
-  """MirroredStrategy over the 2 logical CPUs whose collectives use their own group keys (TF's
-  `_collective_key_base`): two MirroredStrategy objects in one process otherwise reuse group and instance keys,
-  and the second fails with "Shape mismatch in the collective instance 100" (tests/test_families.py builds its
-  own strategy, `mmv_tf.training.strategy.make_strategy` caches another)."""
-  _collective_key_base = 7000
-
-
-@functools.lru_cache(maxsize=None)
 def _mirrored():
-  return _OwnKeysMirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  # The process's one MirroredStrategy: two over the same devices collide on collective keys.
+  from mmv_tf.training import strategy as strategy_lib
+  return strategy_lib.make_strategy("mirrored")
 
 
 @pytest.fixture(scope="module")

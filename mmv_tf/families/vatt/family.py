@@ -122,7 +122,8 @@ class VATTFamily(Family):
 
   def embedder(self, model, *, image_model=None, vocabulary_path=None, name: str = ""):
     from mmv_tf.families.vatt import signatures
-    return signatures.VATTEmbedder(model, vocabulary_path=vocabulary_path, name=name or "vatt")
+    return signatures.VATTEmbedder(model, vocabulary_path=vocabulary_path, name=name or "vatt",
+                                   embedding_spaces=self.embedding_spaces)
 
   def register_gin(self):
     import gin

@@ -105,16 +105,17 @@ class VATTEmbedder:
 
   Audio is the raw waveform (`audio_input = "waveform"`), text the pipeline's word ids. Waveforms are cropped
   or zero-padded to the model's static `num_audio_samples` (evaluation windows may differ by rounding); videos
-  come at the model's num_frames and crop_size (the runner reads them from `preprocessing`). The audio outputs also carry `last_conv` = `before_head`, the feature name the
-  shared audio probe reads by default.
+  come at the model's num_frames and crop_size (the runner reads them from `preprocessing`). The audio
+  outputs also carry `last_conv` = `before_head`, the feature name the shared audio probe reads by default.
   """
 
   audio_input = "waveform"
   text_input = "ids"
   has_images = False
 
-  def __init__(self, model, *, vocabulary_path=None, name: str = "vatt"):
+  def __init__(self, model, *, vocabulary_path=None, name: str = "vatt", embedding_spaces=None):
     self.model, self.vocabulary_path, self.name = model, vocabulary_path, name
+    self.embedding_spaces = dict(embedding_spaces or {})  # which output compares which two modalities
     self.preprocessing = model.preprocessing_config
     # Static shapes (no reduce_retracing): the position grids must be known when tracing.
     self._video = tf.function(lambda x: model.embed_video(x, training=False))
