@@ -12,8 +12,9 @@ import tensorflow as tf
 from mmv_tf import gin_utils
 from mmv_tf.training import commands
 
-TRAIN_GIN = sorted(os.path.relpath(p, gin_utils.GIN_DIR) for pattern in ("mmv/*.gin", "tiny/*.gin", "base/*.gin")
-                   for p in glob.glob(str(gin_utils.GIN_DIR / pattern)))
+# Every training config of every family (gin/<family>/, gin/tiny/, gin/base/); gin/eval/ holds evaluation ones.
+TRAIN_GIN = sorted(os.path.relpath(p, gin_utils.GIN_DIR) for p in glob.glob(str(gin_utils.GIN_DIR / "*/*.gin"))
+                   if not os.path.relpath(p, gin_utils.GIN_DIR).startswith("eval/"))
 PAPER = [p for p in TRAIN_GIN if p.startswith("mmv/")]
 TINY = [p for p in TRAIN_GIN if p.startswith("tiny/")]
 
