@@ -231,8 +231,7 @@ def test_brave_trains_with_lars_resumes_exports_and_evaluates(tmp_path, brave, d
   first = trainer.train(steps=2, strategy=mirrored, family="brave", **common)
   assert first.step == 2 and all(np.isfinite(h["loss"]) for h in first.history)
   assert {"loss/b_to_n/audio", "loss/n_to_b/audio", "projection_cosine/audio"} <= set(first.history[0])
-  # Resumed on one device: checkpoints do not depend on the strategy (and one replica traces faster).
-  resumed = trainer.train(steps=3, strategy="default", **common)
+  resumed = trainer.train(steps=3, strategy=mirrored, **common)
   assert resumed.resumed_from == 2 and resumed.step == 3
 
   version = export.export_from_model_dir(model_dir=model_dir, export_base=str(tmp_path / "export"),
