@@ -15,8 +15,10 @@ and temporal shift, BN momentum 0.9 and epsilon 1e-5, synchronized across replic
 
 Why the log-mel is computed in the model and not by the pipeline: the pipeline's `views.LogMel` is
 MMV's recipe (log(x + 1e-6)); BraVe's is log(1 + 10^4 x) on a 320-sample STFT. Computing it here from the
-waveform view keeps one implementation for training, the `audio` signature and evaluation, and the
-waveform batch is smaller than the [3072, 80] spectrogram it becomes.
+waveform view (`AudioView(waveform=True, log_mel=None)`) keeps one implementation for training, the
+`audio` signature and evaluation (whose embedder is fed waveforms). The cost: the STFT runs on the
+training device, and a batch carries 491,520 samples per clip instead of the 3072 x 80 = 245,760 values
+of the spectrogram.
 
 One head serves all views (Recasens et al. 2021), so the narrow and broad features must have the same
 width: a TSM-ResNet50x2 narrow tower (4096-d) with the 2048-d audio tower is rejected by
