@@ -281,3 +281,23 @@ def test_paper_gin_holds_the_papers_hyperparameters():
     assert text.startswith("#") and all(w in text for w in ("mmv-tf train", "Meant for", "Expected"))
   finally:
     gin.clear_config()
+
+
+def test_signatures_run_their_examples_and_image_uses_the_deflated_narrow_tower(brave):
+  model = brave.build_model(M.tiny_brave_config(**TINY))
+  image_model, reason = brave.image_model(None, model)
+  assert image_model is not None, reason
+  sigs = brave.signatures(model, image_model=image_model)
+  assert list(sigs) == ["video", "audio", "audio_spectrogram", "image", "image_bytes"]
+  for name, sig in sigs.items():
+    out = sig.fn(tf.constant(sig.example))
+    assert sig.outputs == ("before_head", "projection", "prediction") and set(out) == set(sig.outputs), name
+    assert out["projection"].shape == (1, 8) and sig.doc, name
+  image = sigs["image"].example
+  want = model.project_features(image_model(image, training=False)["features"])
+  np.testing.assert_allclose(sigs["image"].fn(tf.constant(image))["prediction"].numpy(), want["prediction"].numpy(),
+                             rtol=1e-5, atol=1e-6)
+  video = brave.signatures(model)
+  assert list(video) == ["video", "audio", "audio_spectrogram"]
+  broad = brave.build_model(M.tiny_brave_config(broad="video", **TINY))
+  assert list(brave.signatures(broad)) == ["video", "broad_video"]
