@@ -277,8 +277,14 @@ def test_paper_gin_holds_the_papers_hyperparameters():
     config = gin.get_bindings("brave_model_config")
     model_config = M.complete_config(config)
     assert model_config == M.complete_config({})  # the gin file restates the family's defaults
-    text = open(gin_utils.GIN_DIR / "brave/va_tsm_resnet50.gin").read()
-    assert text.startswith("#") and all(w in text for w in ("mmv-tf train", "Meant for", "Expected"))
+    gin.clear_config()
+    gin_utils.parse_gin(["brave/vv_tsm_resnet50.gin"], finalize=False)
+    vv = M.complete_config(gin.get_bindings("brave_model_config"))
+    assert vv["broad"] == "video" and vv["preprocessing"]["broad_start"] == "random"
+    assert gin.query_parameter("train.learning_rate") == 1.0
+    for name in ("brave/va_tsm_resnet50.gin", "brave/vv_tsm_resnet50.gin"):
+      text = open(gin_utils.GIN_DIR / name).read()
+      assert text.startswith("#") and all(w in text for w in ("mmv-tf train", "Meant for", "Expected")), name
   finally:
     gin.clear_config()
 
