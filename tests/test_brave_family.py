@@ -196,7 +196,7 @@ def test_two_replicas_give_the_single_device_loss_and_gradients(brave):
   per_replica = strategy.experimental_distribute_values_from_function(halves)
   loss, grads = strategy.run(tf.function(lambda b: _loss_and_grads(mirrored, loss_fn, b)), args=(per_replica,))
   total = strategy.reduce("SUM", loss, axis=None)
-  np.testing.assert_allclose(total.numpy(), want_loss.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(total.numpy(), want_loss.numpy(), rtol=1e-3)  # BN numerics: see below
   for v, g, w in zip(mirrored.trainable_variables, grads, want_grads):
     # Synchronized BN computes the variance as E[x²] − E[x]² over the replicas, single-device BN in two
     # passes. In float32 this one-pass variance loses precision where the mean dominates, e.g. on BraVe's
