@@ -156,7 +156,7 @@ def _tiny_head():
 
 def _lars(**kwargs):
   args = dict(learning_rate=1.0, weight_decay=1.0, momentum=0.0, trust_coefficient=0.001,
-              gradient_scales=optimizers.BRAVE_GRADIENT_SCALES)
+              gradient_scales=heads.BRAVE_GRADIENT_SCALES)
   args.update(kwargs)
   return optimizers.make_optimizer(name="lars", **args)
 
@@ -214,7 +214,7 @@ def test_lars_steps_match_numpy_with_momentum_decay_and_predictor_scale():
 
 def test_predictor_scale_multiplies_unadapted_updates_by_ten():
   updates = {}
-  for scales in ((), optimizers.BRAVE_GRADIENT_SCALES):
+  for scales in ((), heads.BRAVE_GRADIENT_SCALES):
     head = _tiny_head()
     opt = _lars(weight_decay=0.0, gradient_scales=scales)
     optimizers.exclude_biases_and_norms(opt, head.trainable_variables)
@@ -227,12 +227,12 @@ def test_predictor_scale_multiplies_unadapted_updates_by_ten():
 
 
 def test_lars_gradient_scales_config_and_factory():
-  opt = optimizers.LARS(learning_rate=0.1, gradient_scales=optimizers.BRAVE_GRADIENT_SCALES)
+  opt = optimizers.LARS(learning_rate=0.1, gradient_scales=heads.BRAVE_GRADIENT_SCALES)
   again = optimizers.LARS.from_config(opt.get_config())
-  assert again.gradient_scales == optimizers.BRAVE_GRADIENT_SCALES
+  assert again.gradient_scales == heads.BRAVE_GRADIENT_SCALES
   with pytest.raises(ValueError, match="lars only"):
     optimizers.make_optimizer(name="adam", learning_rate=1e-3,
-                              gradient_scales=optimizers.BRAVE_GRADIENT_SCALES)
+                              gradient_scales=heads.BRAVE_GRADIENT_SCALES)
 
 
 def test_brave_schedule_is_optax_warmup_cosine():

@@ -4,8 +4,8 @@ All are Keras 3 optimizers (tf-models-official's LARS is a tf_keras legacy optim
 Keras 3 variables). Weight decay never applies to biases and normalisation parameters: the trainer
 calls `exclude_biases_and_norms(optimizer, model.trainable_variables)` before building the optimizer,
 which excludes every variable of rank <= 1 (biases, BN gamma/beta) — for LARS also from the trust ratio.
-LARS can also pre-scale the gradients of selected variables (`gradient_scales`: BraVe multiplies the
-predictor's gradients by 10, `BRAVE_GRADIENT_SCALES`).
+LARS can also pre-scale the gradients of selected variables (`gradient_scales`, (regex, factor) pairs
+that a model family supplies through `Family.optimizer_options`).
 Gradient clipping is done by the trainer on the *global* gradient (Keras' own clipnorm would clip each
 replica's gradient before the cross-replica sum).
 """
@@ -18,10 +18,6 @@ import keras
 from keras import ops
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
-
-# BraVe (Recasens et al. 2021): the predictor's gradients ×10, matched on the `predictor` component of
-# a variable's path (`mmv_tf.families.brave.heads` names its predictor so).
-BRAVE_GRADIENT_SCALES = ((r"(^|/)predictor/", 10.0),)
 
 GradientScales = Sequence[Tuple[str, float]]
 
@@ -133,7 +129,7 @@ def make_optimizer(*, name: str = "adam", learning_rate: Union[float, keras.opti
 
   `weight_decay` is decoupled for adamw/sgd (Keras semantics: w ← w − lr·λ·w) and coupled L2 inside the
   trust ratio for lars; adam ignores it unless 0 (use adamw). `gradient_scales` ((regex on the
-  variable path, factor) pairs) is LARS only (BraVe: `BRAVE_GRADIENT_SCALES`).
+  variable path, factor) pairs) is LARS only (a family's `optimizer_options` may supply them).
   """
   if gradient_scales and name != "lars":
     raise ValueError(f"gradient_scales is implemented for lars only, not {name!r}")

@@ -20,7 +20,8 @@ mixed-precision policy, because the regression loss compares unit vectors whose 
 
 Sublayer names (`projector/hidden`, `projector/output_bn`, ...) are fixed: BraVe's training recipe scales
 the predictor's gradients by 10, and `mmv_tf.training.optimizers.LARS(gradient_scales=...)` selects
-those variables by the `predictor` component of their path (`BRAVE_GRADIENT_SCALES`).
+those variables by the `predictor` component of their path (`BRAVE_GRADIENT_SCALES`, which the family's
+`optimizer_options` hands to the trainer).
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from mmv_tf.models import layers
 
 HIDDEN_DIM = 4096
 OUTPUT_DIM = 128
+# Recasens et al. 2021: the predictor's gradients ×10 (a pre-scale before LARS), matched on the
+# `predictor` component of a variable's path (the `Predictor` layer's name below).
+BRAVE_GRADIENT_SCALES = ((r"(^|/)predictor/", 10.0),)
 
 
 def _dense(units: int, *, name: str, dtype) -> keras.layers.Dense:
