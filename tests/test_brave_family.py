@@ -18,6 +18,7 @@ from mmv_tf.families.brave import data as brave_data
 from mmv_tf.families.brave import heads
 from mmv_tf.families.brave import model as M
 from mmv_tf.training import optimizers
+from mmv_tf.training import strategy as strategy_lib
 from test_pipeline import SPF, SR, frame_index, make_clip, write_shard
 
 TINY = dict(width_multiplier=0.0625, hidden_dim=16, output_dim=8)
@@ -182,7 +183,7 @@ def test_two_replicas_give_the_single_device_loss_and_gradients(brave):
   single = brave.build_model(config)
   want_loss, want_grads = _loss_and_grads(single, loss_fn, batch)
   assert all(g is not None for g in want_grads)
-  strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  strategy = strategy_lib.make_strategy("mirrored")  # the process's one (several collide on collective keys)
   assert strategy.num_replicas_in_sync == 2
   with strategy.scope():
     mirrored = brave.build_model(config)
@@ -223,7 +224,7 @@ def test_brave_trains_with_lars_resumes_exports_and_evaluates(tmp_path, brave, d
   from mmv_tf.serving import export
   from mmv_tf.training import trainer
   model_dir = str(tmp_path / "run")
-  mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+  mirrored = strategy_lib.make_strategy("mirrored")
   # 4 narrow frames every 2 (span 7) of 8-frame clips; 1.2 s of audio from 0.8 s clips loops.
   config = M.tiny_brave_config(audio_seconds=1.2, **TINY)
   common = dict(model_dir=model_dir, batch_size=4, model_config=config, optimizer="lars", learning_rate=0.2,

@@ -15,7 +15,7 @@ gin/brave/*.gin (paper) and gin/tiny/brave_*.gin (CPU).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +36,9 @@ class BraveEmbedder:
 
   text_input = None
 
-  def __init__(self, model, *, image_model=None, name: str = "brave"):
+  def __init__(self, model, *, image_model=None, name: str = "brave", embedding_spaces=None):
     self.model, self.name, self.image_model = model, name, image_model
+    self.embedding_spaces = dict(embedding_spaces or {})  # which output compares which two modalities
     self.audio_input = "waveform" if model.broad == "audio" else None
     pre = model.preprocessing_config
     self.preprocessing = {k: pre[k] for k in ("num_frames", "stride", "crop_size", "min_resize", "sample_rate")}
@@ -156,7 +157,8 @@ class BraveFamily(Family):
     return model.narrow_backbone, model.num_frames, model.crop_size
 
   def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
-    return BraveEmbedder(model, image_model=image_model, name=name or "brave")
+    return BraveEmbedder(model, image_model=image_model, name=name or "brave",
+                         embedding_spaces=self.embedding_spaces)
 
   def register_gin(self):
     import gin
