@@ -11,7 +11,7 @@ takes. `log_mel_spectrogram` uses only core TF ops because exported serving grap
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -260,10 +260,18 @@ def space_to_depth(frames, *, temporal_block: int = 2, spatial_block: int = 2) -
 def log_mel_spectrogram(waveform, *, sample_rate: int = 48000, frame_length: int = 2048,
                         frame_step: int = 1024, num_mel_bins: int = 80,
                         lower_edge_hertz: float = 80.0, upper_edge_hertz: float = 7600.0) -> tf.Tensor:
-  """float32 [..., S] -> [..., ceil(S / frame_step), num_mel_bins] (MMV / DMVR `logmf` recipe).
+  """float32 [..., S] -> [..., ceil(S / frame_step), num_mel_bins] (MMV / DMVR `logmf` recipe):
+  `mel_spectrogram` -> log(x + 1e-6)."""
+  mel = mel_spectrogram(waveform, sample_rate=sample_rate, frame_length=frame_length, frame_step=frame_step,
+                        num_mel_bins=num_mel_bins, lower_edge_hertz=lower_edge_hertz,
+                        upper_edge_hertz=upper_edge_hertz)
+  return tf.math.log(mel + LOG_OFFSET)
 
-  |STFT| (Hann, `pad_end=True`, fft = frame_length) -> mel filterbank -> log(x + 1e-6).
-  """
+
+def mel_spectrogram(waveform, *, sample_rate: int, frame_length: int, frame_step: int, num_mel_bins: int,
+                    lower_edge_hertz: float, upper_edge_hertz: float) -> tf.Tensor:
+  """|STFT| (Hann, `pad_end=True`, fft = frame_length) -> mel filterbank: [..., ceil(S / step), mel bins].
+  The families' log-mel recipes differ only in the log applied to this."""
   waveform = tf.convert_to_tensor(waveform, tf.float32)
   stft = tf.signal.stft(waveform, frame_length=frame_length, frame_step=frame_step,
                         fft_length=frame_length, window_fn=tf.signal.hann_window, pad_end=True)
@@ -273,7 +281,7 @@ def log_mel_spectrogram(waveform, *, sample_rate: int = 48000, frame_length: int
       sample_rate=sample_rate, lower_edge_hertz=lower_edge_hertz, upper_edge_hertz=upper_edge_hertz)
   mel = tf.tensordot(magnitude, mel_matrix, axes=1)
   mel.set_shape(magnitude.shape[:-1].concatenate([num_mel_bins]))
-  return tf.math.log(mel + LOG_OFFSET)
+  return mel
 
 
 def num_spectrogram_frames(*, num_samples: int, frame_step: int = 1024) -> int:

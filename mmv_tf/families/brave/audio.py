@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mmv_tf.data import processors
+
 SAMPLE_RATE = 48_000
 FRAME_LENGTH = 320
 FRAME_STEP = 160
@@ -34,14 +36,8 @@ def log_mel_spectrogram(waveform, *, sample_rate: int = SAMPLE_RATE, frame_lengt
                         upper_edge_hertz: float = UPPER_EDGE_HERTZ,
                         log_scale: float = LOG_SCALE) -> tf.Tensor:
   """float32 [..., S] → [..., ceil(S / frame_step), num_mel_bins] (module docstring)."""
-  waveform = tf.convert_to_tensor(waveform, tf.float32)
-  stft = tf.signal.stft(waveform, frame_length=frame_length, frame_step=frame_step,
-                        fft_length=frame_length, window_fn=tf.signal.hann_window, pad_end=True)
-  magnitude = tf.abs(stft)
-  mel_matrix = tf.signal.linear_to_mel_weight_matrix(
-      num_mel_bins=num_mel_bins, num_spectrogram_bins=frame_length // 2 + 1,
-      sample_rate=sample_rate, lower_edge_hertz=lower_edge_hertz, upper_edge_hertz=upper_edge_hertz)
-  mel = tf.tensordot(magnitude, mel_matrix, axes=1)
-  mel.set_shape(magnitude.shape[:-1].concatenate([num_mel_bins]))
+  mel = processors.mel_spectrogram(waveform, sample_rate=sample_rate, frame_length=frame_length,
+                                   frame_step=frame_step, num_mel_bins=num_mel_bins,
+                                   lower_edge_hertz=lower_edge_hertz, upper_edge_hertz=upper_edge_hertz)
   # log(1 + c·x) rather than log(x + ε): zero at silence and no large negative values.
   return tf.math.log1p(log_scale * mel)
