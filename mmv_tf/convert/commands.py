@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model_config_overrides", default=None,
                       help="JSON merged into the released config (checkpoints of the same architecture at "
                       "other widths/depths, e.g. '{\"video_kwargs\": {\"width_multiplier\": 0.5}}')")
+  parser.add_argument("--num_heads", default=None,
+                      help="vatt-tf: attention heads per tower that the checkpoint cannot tell, e.g. "
+                      "'video=12,audio=12' (default d_model/64, the released models)")
   parser.add_argument("--no_warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests")
   parser.add_argument("--precision", default="float32",
                       help="compute precision of the export: float32 (default) or bfloat16 (float32 inputs and "
@@ -92,17 +95,23 @@ def run(args: argparse.Namespace) -> int:
     vocab_size = len(text_lib.read_vocabulary(args.vocab))
   print(f"loading {args.checkpoint} ...", flush=True)
   try:
+    # Every importer takes these keywords and ignores the ones its format does not use (**unused).
     model, summary = importer(checkpoint=args.checkpoint, variant=args.variant, num_frames=args.num_frames,
-                              crop_size=args.crop_size, overrides=overrides)
+                              crop_size=args.crop_size, overrides=overrides, num_heads=args.num_heads)
   except ValueError as e:  # every unmapped or mis-shaped tensor is named in the message
     print(f"mmv-tf import-checkpoint: {e}", file=sys.stderr)
     return 1
   print(f"mapped every tensor: {summary}")
-  if vocab_size is not None and vocab_size != model.vocab_size:
-    print(f"mmv-tf import-checkpoint: --vocab has {vocab_size} tokens but the checkpoint's embedding table "
-          f"has {model.vocab_size} rows", file=sys.stderr)
+  model_vocab_size = getattr(model, "vocab_size", None)  # None: the family has no text tower
+  if vocab_size is not None and model_vocab_size is None:
+    print(f"mmv-tf import-checkpoint: --vocab given but {args.format} checkpoints have no text tower",
+          file=sys.stderr)
     return 1
-  if args.vocab is None:
+  if vocab_size is not None and vocab_size != model_vocab_size:
+    print(f"mmv-tf import-checkpoint: --vocab has {vocab_size} tokens but the checkpoint's embedding table "
+          f"has {model_vocab_size} rows", file=sys.stderr)
+    return 1
+  if args.vocab is None and model_vocab_size is not None:
     print("no --vocab: the `text` (string) signature is omitted; `text_ids` (int32 word ids "
           f"[B,{model.max_tokens}], ids < {model.vocab_size}) is exported. The released vocabulary is not "
           "public; pass --vocab FILE (line i = word of embedding row i) to add `text`.")
