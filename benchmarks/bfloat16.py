@@ -9,7 +9,8 @@ Keras `mixed_bfloat16` policy (float32 variables, bfloat16 compute). Every measu
 process and the two precisions alternate (A B A B ...) so that a change of machine load hits both;
 the table gives the median over rounds and the ratio of medians.
 
-Parity: each backbone (S3D-G, TSM-ResNet50, audio ResNet50 at paper size) and the tiny demo model
+Parity: each backbone at its paper size (MMV: S3D-G, TSM-ResNet50, audio ResNet50; VATT: ViT-Base video
+32x224^2, WaT-Base audio; BraVe: narrow TSM-ResNet50 16x224^2, broad audio ResNet50 on 3072x80) and the tiny demo model
 (gin/tiny/mmv_tsm_fac.gin, every tower) built once in float32 and once in bfloat16 with the same
 weights, on the same inputs: normwise relative error ||bf16 - f32|| / ||f32|| and the smallest row
 cosine, next to the bound the tests derive (tests/precision.py, policy mixed_bfloat16). The weights are
@@ -28,10 +29,15 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEED_BACKBONES = ("s3d", "tsm_resnet50")
-PARITY_MODELS = ("s3d", "tsm_resnet50", "audio_resnet50", "tiny_demo")
+SPEED_BACKBONES = ("s3d", "tsm_resnet50", "vatt_video_base")
+PARITY_MODELS = ("s3d", "tsm_resnet50", "audio_resnet50", "vatt_video_base", "vatt_audio_base",
+                 "brave_narrow_tsm_resnet50", "brave_broad_audio_resnet50", "tiny_demo")
 PAPER_VIDEO = (32, 200, 200, 3)
 PAPER_AUDIO = (320, 80, 1)  # 3.2 s of log-mel at 10 ms hops (the MMV audio window), 80 mel bins
+VATT_VIDEO = (32, 224, 224, 3)  # VATT pretraining: 32 frames at 10 fps, 224^2 (docs/families.md)
+VATT_AUDIO = (153600,)          # 3.2 s of 48 kHz waveform
+BRAVE_NARROW = (16, 224, 224, 3)  # BraVe's narrow view: 16 frames, 224^2
+BRAVE_BROAD_AUDIO = (3072, 80, 1)  # BraVe's broad audio view: 10.24 s -> 3072 log-mel frames x 80 bins
 
 
 def _backbone(name: str):
@@ -44,6 +50,16 @@ def _backbone(name: str):
     return TSMResNet(num_frames=32), PAPER_VIDEO
   if name == "audio_resnet50":
     return AudioResNet(), PAPER_AUDIO
+  if name == "vatt_video_base":
+    from mmv_tf.families.vatt.backbones import VideoTransformer
+    return VideoTransformer(size="base", buckets=(8, 14, 14)), VATT_VIDEO
+  if name == "vatt_audio_base":
+    from mmv_tf.families.vatt.backbones import AudioTransformer
+    return AudioTransformer(size="base"), VATT_AUDIO
+  if name == "brave_narrow_tsm_resnet50":
+    return TSMResNet(num_frames=16), BRAVE_NARROW
+  if name == "brave_broad_audio_resnet50":
+    return AudioResNet(), BRAVE_BROAD_AUDIO
   raise ValueError(name)
 
 

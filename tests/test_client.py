@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mmv_tf import cli
-from mmv_tf.serving import client as client_lib, server, testing
+from mmv_tf.serving import client as client_lib, server
+from tests import serving_fixture as testing
 
 
 def _write_video(path, *, colors, fps=20, size=(48, 64), sample_rate=16000, seconds=None):
@@ -101,6 +102,19 @@ def _query(args):
   with contextlib.redirect_stdout(out):
     status = cli.main(["query", *args])
   return status, out.getvalue()
+
+
+def test_shared_space_reads_the_space_off_the_signatures_outputs():
+  fac = {"video": ["before_head", "va", "vat"], "audio": ["last_conv", "va", "vat"], "text": ["vat"],
+         "image": ["before_head", "va", "vat"]}
+  assert client_lib.shared_space(fac, "video", "text") == "vat"
+  assert client_lib.shared_space(fac, "video", "audio") == "va"  # va: 3 signatures, vat: 4
+  assert client_lib.shared_space(fac, "text", "audio") == "vat"
+  views = {"video": ["before_head", "projection", "prediction"], "audio": ["before_head", "projection", "prediction"]}
+  with pytest.raises(ValueError, match=r"any of \['prediction', 'projection'\]; choose one with --space"):
+    client_lib.shared_space(views, "video", "audio")
+  with pytest.raises(ValueError, match="share no embedding output"):
+    client_lib.shared_space({"video": ["before_head"], "audio": ["last_conv"]}, "video", "audio")
 
 
 def test_query_command_prints_similarities(served, tmp_path):

@@ -1,5 +1,5 @@
 """Evaluation from an exported SavedModel (issue #7): the export ships its settings, `SavedModelEmbedder`
-gives `KerasEmbedder`'s features, `evaluate(saved_model=...)` gives `evaluate(model_dir=...)`'s metrics,
+gives the in-process `MMVEmbedder`'s features, `evaluate(saved_model=...)` gives `evaluate(model_dir=...)`'s metrics,
 and a SavedModel that cannot be evaluated fails with a message naming what is missing.
 
 One tiny model dir is built and exported once per module (`export_saved_model`, no warmup); the
@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from mmv_tf import families
+from mmv_tf.families.mmv.embedder import MMVEmbedder
 
 # Few clips, 2 test windows, one augmented training clip per video, one SVM C (no CV on 10 videos).
 PROTOCOL_OVERRIDES = dict(num_test_clips=2, num_train_clips=1)
@@ -38,7 +39,7 @@ class Tiny:
   export_base: str
   version_dir: str
   config: dict
-  keras: object   # KerasEmbedder of the in-memory model (same weights as the export)
+  keras: object   # MMVEmbedder of the in-memory model (same weights as the export)
   saved: object   # SavedModelEmbedder of version_dir, built from the path alone
 
 
@@ -73,8 +74,8 @@ def tiny(tmp_path_factory):
                                           image_model=image_model, warmup=False)
   return Tiny(root=str(root), data=data, model_dir=model_dir, export_base=export_base,
               version_dir=version_dir, config=mmv.load_model_config(model_dir),
-              keras=FE.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocab_path,
-                                     embedding_spaces=families.get("mmv").embedding_spaces),
+              keras=MMVEmbedder(model=model, image_model=image_model, vocabulary_path=vocab_path,
+                                embedding_spaces=families.get("mmv").embedding_spaces),
               saved=FE.SavedModelEmbedder(version_dir))
 
 
@@ -149,7 +150,7 @@ def test_export_ships_model_config_and_vocabulary(tiny):
     families.family_of(object())
 
 
-# -- 2. SavedModelEmbedder == KerasEmbedder ------------------------------------------------------------------
+# -- 2. SavedModelEmbedder == MMVEmbedder ------------------------------------------------------------------
 
 def test_saved_model_embedder_reads_settings_from_the_export(tiny):
   saved = tiny.saved

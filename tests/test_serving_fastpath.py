@@ -137,7 +137,8 @@ def test_decoded_views_are_read_only_unless_copied():
 
 @pytest.fixture(scope="module")
 def loaded():
-  from mmv_tf.serving import server, testing
+  from mmv_tf.serving import server
+  from tests import serving_fixture as testing
   tiny = testing.tiny_export()
   return server.LoadedVersion(version=1, path=tiny.version_dir,
                               options=server.ServerOptions(model_base_path=tiny.export_base))

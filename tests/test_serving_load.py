@@ -15,7 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from mmv_tf.serving import batching, client as client_lib, server, testing
+from mmv_tf.serving import batching, client as client_lib, server
+from tests import serving_fixture as testing
 
 
 def _png(seed):

@@ -1,8 +1,8 @@
 """Feature extraction for evaluation: embedders, multi-clip batching, resumable .npz cache.
 
 An *embedder* turns model inputs into named embeddings (NumPy). Two implementations:
-  * `KerasEmbedder`: an `MMVModel` (restored from a model dir, or any model passed in) plus the deflated
-    image network when present;
+  * `ModelEmbedder`: an in-process model (restored from a model dir, or any model passed in) plus the
+    deflated image network when present; each family subclasses it (`Family.embedder`);
   * `SavedModelEmbedder`: the signatures of an exported SavedModel (`video`, `audio` (raw waveform) or
     `audio_spectrogram` (input `log_mel`), `text` (raw strings) or `text_ids` (input `word_ids`), `image`),
     with the preprocessing settings and vocabulary the export ships in `assets.extra/model_config.json` and
@@ -41,10 +41,6 @@ import numpy as np
 
 from mmv_tf.data import features as F
 
-VIDEO_OUTPUTS = ("before_head", "va", "vat")
-AUDIO_OUTPUTS = ("last_conv", "va", "vat")
-TEXT_OUTPUTS = ("vat",)
-IMAGE_OUTPUTS = ("before_head", "va", "vat")
 THUMB_SIZE = 64
 MODALITY_FILES = ("video", "audio", "text", "labels", "image")
 
@@ -52,10 +48,11 @@ MODALITY_FILES = ("video", "audio", "text", "labels", "image")
 # ----------------------------------------------------------------------------------------------------
 # Embedders.
 
-def _to_numpy(outputs: Mapping[str, object], names: Sequence[str]) -> Dict[str, np.ndarray]:
-  """Float32 arrays; spatial maps such as `last_conv` [B,F,M,C] are mean-pooled to [B,C]."""
+def to_numpy(outputs: Mapping[str, object], names: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+  """Float32 arrays of `names` (default: every output); spatial maps such as `last_conv` [B,F,M,C] are
+  mean-pooled to [B,C]."""
   out = {}
-  for k in names:
+  for k in (outputs if names is None else names):
     if k in outputs:
       v = np.asarray(outputs[k], np.float32)
       out[k] = v.mean(axis=tuple(range(1, v.ndim - 1))) if v.ndim > 2 else v
@@ -76,81 +73,85 @@ def from_model_dir(model_dir: str, *, with_images: bool = True):
                          name=f"keras:{model_dir}")
 
 
-def _image_features(out: Mapping[str, object]):
-  """The pooled features of an image network's output (a deflated backbone calls them `features`)."""
-  return out["before_head"] if "before_head" in out else out["features"]
+class ModelEmbedder:
+  """What `embed_batch` calls, for an in-process model: the shared half of every family's embedder
+  (`Family.embedder`). A family's subclass passes one function per modality it embeds, each taking a
+  batch and returning a dict of named outputs; this class compiles them, converts to NumPy and tokenizes
+  raw captions with the model dir's vocabulary.
 
+  `audio_input` says what `embed_batch` feeds the audio function: "log_mel" (`embed_audio`) or "waveform"
+  (`embed_waveform`); None: no audio. `text_input`: "ids" (`embed_text`) or None: no text.
+  `static_shapes`: compile once per input shape without relaxing shapes (models whose graph depends on
+  static sizes, e.g. position tables re-sampled to the grid).
+  """
 
-class KerasEmbedder:
-  """Embeds with an in-process Keras model that has `embed_video/embed_audio/embed_text/project_video`
-  (and optionally an image network whose pooled features go through `project_video`)."""
+  audio_input: Optional[str] = None
+  text_input: Optional[str] = None
 
-  audio_input = "log_mel"  # what `embed_batch` feeds: the pipeline's log-mel ...
-  text_input = "ids"       # ... and its word ids
-  def __init__(self, *, model, image_model=None, vocabulary_path: Optional[str] = None,
-               name: str = "keras", embedding_spaces: Optional[Mapping[frozenset, str]] = None):
+  def __init__(self, *, name: str, embedding_spaces: Optional[Mapping[frozenset, str]] = None,
+               video: Callable, audio: Optional[Callable] = None, text: Optional[Callable] = None,
+               image: Optional[Callable] = None, vocabulary_path: Optional[str] = None, max_tokens: int = 16,
+               static_shapes: bool = False):
     import tensorflow as tf
-    self.model = model
+    self.name = name
     # Which output compares which two modalities (the family's rules; evaluation's retrieval reads it).
     self.embedding_spaces = dict(embedding_spaces or {})
-    self.image_model = image_model
-    self.vocabulary_path = vocabulary_path
-    self.name = name
-    self._video = tf.function(lambda x: model.embed_video(x, training=False), reduce_retracing=True)
-    self._audio = tf.function(lambda x: model.embed_audio(x, training=False), reduce_retracing=True)
-    self._text = tf.function(lambda x: model.embed_text(x, training=False), reduce_retracing=True)
-    self._image = None
-    if image_model is not None:
-      self._image = tf.function(lambda x: model.project_video(_image_features(image_model(x, training=False)),
-                                                              training=False), reduce_retracing=True)
+    self.vocabulary_path, self.max_tokens = vocabulary_path, max_tokens
+    compile_fn = lambda fn: fn and tf.function(fn, reduce_retracing=not static_shapes)
+    self._video, self._audio, self._text, self._image = map(compile_fn, (video, audio, text, image))
+    self._tokenizer = None
 
   @property
   def has_images(self) -> bool:
     return self._image is not None
 
-  def embed_video(self, video: np.ndarray) -> Dict[str, np.ndarray]:
-    return _to_numpy(self._video(np.asarray(video, np.float32)), VIDEO_OUTPUTS)
+  @staticmethod
+  def _run(fn, value, dtype, what: str) -> Dict[str, np.ndarray]:
+    if fn is None:
+      raise NotImplementedError(f"this model embeds no {what}")
+    return to_numpy(fn(np.asarray(value, dtype)))
 
-  def embed_audio(self, log_mel: np.ndarray) -> Dict[str, np.ndarray]:
-    return _to_numpy(self._audio(np.asarray(log_mel, np.float32)), AUDIO_OUTPUTS)
+  def embed_video(self, video) -> Dict[str, np.ndarray]:
+    return self._run(self._video, video, np.float32, "video")
 
-  def embed_waveform(self, audio: np.ndarray) -> Dict[str, np.ndarray]:
-    """Waveform [B,S] → log-mel with the model's settings → `embed_audio` (what the `audio` signature does)."""
-    from mmv_tf.data import processors
-    pre = dict(getattr(self.model, "preprocessing_config", {}) or {})
-    kwargs = {k: pre[k] for k in ("sample_rate", *LOG_MEL_KEYS) if k in pre}
-    mel = processors.log_mel_spectrogram(np.asarray(audio, np.float32), **kwargs)
-    return self.embed_audio(np.asarray(mel)[..., None])
+  def embed_audio(self, log_mel) -> Dict[str, np.ndarray]:
+    """Log-mel [B,F,M,1] (audio_input "log_mel")."""
+    return self._run(self._audio, log_mel, np.float32, "audio")
 
-  def embed_text(self, word_ids: np.ndarray) -> Dict[str, np.ndarray]:
-    return _to_numpy(self._text(np.asarray(word_ids, np.int32)), TEXT_OUTPUTS)
+  def embed_waveform(self, audio) -> Dict[str, np.ndarray]:
+    """Waveform [B,S] (audio_input "waveform")."""
+    return self._run(self._audio, audio, np.float32, "audio")
+
+  def embed_text(self, word_ids) -> Dict[str, np.ndarray]:
+    return self._run(self._text, word_ids, np.int32, "text")
+
+  def embed_image(self, image) -> Dict[str, np.ndarray]:
+    return self._run(self._image, image, np.float32, "images (no deflated image network)")
 
   def embed_captions(self, strings: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Raw strings → text embeddings (tokenized with the model dir's vocabulary)."""
+    """Raw strings -> text embeddings (tokenized with the model dir's vocabulary)."""
     if self.vocabulary_path is None:
       raise NotImplementedError("no vocabulary to tokenize raw text")
-    if getattr(self, "_tokenizer", None) is None:
+    if self._tokenizer is None:
       from mmv_tf.data import text as text_lib
-      self._tokenizer = text_lib.WordTokenizer(vocabulary=self.vocabulary_path,
-                                               max_tokens=getattr(self.model, "max_tokens", 16))
+      self._tokenizer = text_lib.WordTokenizer(vocabulary=self.vocabulary_path, max_tokens=self.max_tokens)
     return self.embed_text(np.asarray(self._tokenizer(list(strings))))
 
-  def embed_image(self, image: np.ndarray) -> Dict[str, np.ndarray]:
-    if self._image is None:
-      raise NotImplementedError("this model has no deflated image network")
-    return _to_numpy(self._image(np.asarray(image, np.float32)), IMAGE_OUTPUTS)
 
-
-# What evaluation calls, per signature: (input name, dtype, rank, {axis: required size or preprocessing key},
-# outputs). Sizes given as a key are checked against the settings (model_config.json or explicit).
+# What evaluation calls, per signature: (input name, dtype, rank, {axis: required size or preprocessing key}).
+# Sizes given as a key are checked against the settings (model_config.json or explicit). The outputs are the
+# family's: `_validate` requires those its `embedding_spaces` (export info) and the video probe read.
 SIGNATURE_SPECS = {
-    "video": ("video", "float32", 5, {1: "num_frames", 4: 3}, VIDEO_OUTPUTS),
-    "audio": ("audio", "float32", 2, {}, AUDIO_OUTPUTS),
-    "audio_spectrogram": ("log_mel", "float32", 4, {2: "num_mel_bins", 3: 1}, AUDIO_OUTPUTS),
-    "text": ("text", "string", 1, {}, TEXT_OUTPUTS),
-    "text_ids": ("word_ids", "int32", 2, {1: "max_tokens"}, TEXT_OUTPUTS),
-    "image": ("image", "float32", 4, {3: 3}, IMAGE_OUTPUTS),
+    "video": ("video", "float32", 5, {1: "num_frames", 4: 3}),
+    "audio": ("audio", "float32", 2, {}),
+    "audio_spectrogram": ("log_mel", "float32", 4, {2: "num_mel_bins", 3: 1}),
+    "text": ("text", "string", 1, {}),
+    "text_ids": ("word_ids", "int32", 2, {1: "max_tokens"}),
+    "image": ("image", "float32", 4, {3: 3}),
 }
+# The modality each signature embeds.
+MODALITY_OF_SIGNATURE = {"video": "video", "audio": "audio", "audio_spectrogram": "audio", "text": "text",
+                         "text_ids": "text", "image": "image"}
 # Settings evaluation cannot guess when an export has no assets.extra/model_config.json.
 REQUIRED_SETTINGS = ("num_frames", "crop_size", "min_resize")
 # The spectrogram settings beside sample_rate; the evaluation pipeline (`pipeline.add_log_mel`) uses the
@@ -275,7 +276,7 @@ class SavedModelEmbedder:
     problems = []
     if "video" not in self._sigs:
       problems.append(f"no 'video' signature (evaluation embeds video in every task); has {self.signature_names}")
-    for sig_name, (input_name, dtype, rank, sizes, outputs) in SIGNATURE_SPECS.items():
+    for sig_name, (input_name, dtype, rank, sizes) in SIGNATURE_SPECS.items():
       spec = self._input_spec(sig_name)
       if spec is None:
         continue
@@ -296,7 +297,7 @@ class SavedModelEmbedder:
           label = f"{want} = {expected}" if isinstance(want, str) else str(expected)
           problems.append(f"{where}: input {input_name!r} dimension {axis} is {have}, expected {label} "
                           f"(shape {ts.shape})")
-      missing = set(outputs) - set(self._sigs[sig_name].structured_outputs)
+      missing = self._required_outputs(MODALITY_OF_SIGNATURE[sig_name]) - set(self._sigs[sig_name].structured_outputs)
       if missing:
         problems.append(f"{where}: outputs {sorted(missing)} missing (has "
                         f"{sorted(self._sigs[sig_name].structured_outputs)})")
@@ -309,6 +310,12 @@ class SavedModelEmbedder:
                         "signature (raw waveform) or use audio_input='waveform'")
     if problems:
       raise SavedModelError(f"SavedModel {self.path} cannot be evaluated:\n  " + "\n  ".join(problems))
+
+  def _required_outputs(self, modality: str) -> set:
+    """The spaces the export's `embedding_spaces` compare `modality` in, and `before_head` for video (the
+    linear probes' features)."""
+    spaces = {space for pair, space in self.embedding_spaces.items() if modality in pair}
+    return spaces | ({"before_head"} if modality == "video" else set())
 
   def missing_settings(self, settings: Mapping[str, object],
                        required: Sequence[str] = REQUIRED_SETTINGS) -> Optional[str]:
@@ -342,12 +349,12 @@ class SavedModelEmbedder:
 
   # -- embedding ---------------------------------------------------------------------------------------
 
-  def _call(self, signature: str, arg: str, value, dtype, names):
+  def _call(self, signature: str, arg: str, value, dtype):
     import tensorflow as tf
     if signature not in self._sigs:
       raise NotImplementedError(f"{self.path} has no {signature!r} signature "
                                 f"(has {self.signature_names})")
-    return _to_numpy(self._sigs[signature](**{arg: tf.constant(value, dtype)}), names)
+    return to_numpy(self._sigs[signature](**{arg: tf.constant(value, dtype)}))
 
   @property
   def has_images(self) -> bool:
@@ -355,26 +362,25 @@ class SavedModelEmbedder:
 
   def embed_video(self, video):
     import tensorflow as tf
-    return self._call("video", "video", np.asarray(video, np.float32), tf.float32, VIDEO_OUTPUTS)
+    return self._call("video", "video", np.asarray(video, np.float32), tf.float32)
 
   def embed_audio(self, log_mel):
     """log-mel [B,F,80,1] (the pipeline's) through `audio_spectrogram`."""
     import tensorflow as tf
-    return self._call("audio_spectrogram", "log_mel", np.asarray(log_mel, np.float32), tf.float32,
-                      AUDIO_OUTPUTS)
+    return self._call("audio_spectrogram", "log_mel", np.asarray(log_mel, np.float32), tf.float32)
 
   def embed_waveform(self, audio):
     """Waveform [B,S] through `audio` (log-mel computed in the exported graph)."""
     import tensorflow as tf
-    return self._call("audio", "audio", np.asarray(audio, np.float32), tf.float32, AUDIO_OUTPUTS)
+    return self._call("audio", "audio", np.asarray(audio, np.float32), tf.float32)
 
   def embed_text(self, word_ids):
     import tensorflow as tf
-    return self._call("text_ids", "word_ids", np.asarray(word_ids, np.int32), tf.int32, TEXT_OUTPUTS)
+    return self._call("text_ids", "word_ids", np.asarray(word_ids, np.int32), tf.int32)
 
   def embed_image(self, image):
     import tensorflow as tf
-    return self._call("image", "image", np.asarray(image, np.float32), tf.float32, IMAGE_OUTPUTS)
+    return self._call("image", "image", np.asarray(image, np.float32), tf.float32)
 
   def embed_captions(self, strings):
     """Raw strings through `text` (the export's tokenizer). Empty strings (padding captions, which the
@@ -387,15 +393,15 @@ class SavedModelEmbedder:
     real = [i for i, s in enumerate(strings) if s]
     empty = [i for i, s in enumerate(strings) if not s]
     outputs = self._sigs["text"].structured_outputs
-    out = {k: np.zeros((len(strings), outputs[k].shape[-1]), np.float32) for k in TEXT_OUTPUTS}
+    out = {k: np.zeros((len(strings), spec.shape[-1]), np.float32) for k, spec in outputs.items()}
     if real:
-      emb = self._call("text", "text", [strings[i] for i in real], tf.string, TEXT_OUTPUTS)
-      for k in TEXT_OUTPUTS:
+      emb = self._call("text", "text", [strings[i] for i in real], tf.string)
+      for k in out:
         out[k][real] = emb[k]
     if empty and "text_ids" in self._sigs:
       length = self._static_dim("text_ids", 1) or int(self.preprocessing.get("max_tokens", 16))
       emb = self.embed_text(np.zeros((len(empty), length), np.int32))
-      for k in TEXT_OUTPUTS:
+      for k in out:
         out[k][empty] = emb[k]
     return out
 

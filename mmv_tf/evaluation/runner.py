@@ -196,7 +196,7 @@ def _train_dataset(pattern, *, protocol: EvalProtocol, inputs: _Inputs, with_aud
 def make_embedder(*, model_dir: Optional[str] = None, saved_model: Optional[str] = None,
                   with_images: bool = True, preprocessing: Optional[Mapping[str, object]] = None,
                   vocabulary: Optional[str] = None):
-  """`KerasEmbedder` of a model dir or `SavedModelEmbedder` of an export (settings from its
+  """The family's `ModelEmbedder` of a model dir or `SavedModelEmbedder` of an export (settings from its
   assets.extra/model_config.json; `preprocessing` / `vocabulary` override them)."""
   from mmv_tf.evaluation import features as FE
   if (model_dir is None) == (saved_model is None):
@@ -265,7 +265,7 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
 
   Model: `model_dir` (Keras checkpoint + model_config.json), `saved_model` (BASE/N export made by
   `mmv-tf export`: preprocessing settings from its `assets.extra/model_config.json`, vocabulary from
-  `assets/vocab.txt`) or an `embedder` object (features.KerasEmbedder / SavedModelEmbedder). Data:
+  `assets/vocab.txt`) or an `embedder` object (a family's features.ModelEmbedder / SavedModelEmbedder). Data:
   TFRecord patterns in the package's format; labels.txt next to the shards names the classes.
   `vocabulary` and `preprocessing` (num_frames, crop_size, min_resize, sample_rate, max_tokens, ...)
   override what the model provides; the protocol's num_frames/crop_size/min_resize override both.

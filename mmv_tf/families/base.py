@@ -19,11 +19,14 @@ talks to a model only through this interface and never names a family.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
 from mmv_tf.serving.signatures import Signature  # noqa: F401  (part of the interface)
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, Mapping[str, tf.Tensor]], Tuple[tf.Tensor, Dict[str, tf.Tensor]]]
 MetricsFn = Callable[[Any, Mapping[str, tf.Tensor]], Dict[str, tf.Tensor]]
@@ -37,6 +40,9 @@ class Family:
   embedding_spaces: Mapping[frozenset, str] = {}
   # A config key set to the training vocabulary's size (a word-embedding text tower), or None.
   vocabulary_size_key: Optional[str] = None
+  # The tiny CPU config (keyword-only function -> model config) gin binds as `tiny_<name>_config`; wrap it
+  # in staticmethod() when assigning a module function.
+  tiny_config: Optional[Callable[..., Dict[str, Any]]] = None
   # Checkpoint importers: {format name: fn(*, checkpoint, **options) -> (config, built model)}.
   importers: Mapping[str, Callable[..., Any]] = {}
   gin_dir: Optional[str] = None
@@ -72,8 +78,28 @@ class Family:
   def signatures(self, model, *, tokenizer=None, image_model=None) -> Dict[str, Signature]:
     raise NotImplementedError
 
-  def image_model(self, model_dir: str, model) -> Tuple[Any, Optional[str]]:
-    return None, f"the {self.name} family has no image network"
+  def image_model(self, model_dir: Optional[str], model) -> Tuple[Any, Optional[str]]:
+    """(image network, None) or (None, why not): the deflated network `mmv-tf deflate` saved in `model_dir`
+    (BN refit), else the `deflation_source` backbone deflated now, without BN refit (`model_dir` None: always
+    the latter). A family without a `deflation_source` has no image network."""
+    from mmv_tf.models import deflation
+    source = self.deflation_source(model)
+    if source is None:
+      return None, f"the {self.name} family has no image network"
+    if model_dir is not None:
+      try:
+        return deflation.load_deflated(model_dir), None
+      except (FileNotFoundError, OSError, ValueError) as e:
+        log.info("no deflated network saved in %s (%s)", model_dir, e)
+    backbone = source[0]
+    try:
+      image_model = deflation.deflate(backbone)
+    except (TypeError, ValueError) as e:
+      return None, f"cannot deflate {type(backbone).__name__}: {e}"
+    if model_dir is not None:
+      log.warning("no deflated network in %s: deflating the video backbone now without BN refit "
+                  "(run `mmv-tf deflate` first for better image embeddings)", model_dir)
+    return image_model, None
 
   def deflation_source(self, model):
     """(video backbone, num_frames, crop_size) that `mmv-tf deflate` turns into an image network, or None."""
@@ -83,7 +109,19 @@ class Family:
     raise NotImplementedError(f"the {self.name} family has no in-process evaluation embedder")
 
   def register_gin(self) -> None:
-    """Registers the family's gin configurables (called once by the commands that parse gin)."""
+    """Registers the family's gin configurables (called once by the commands that parse gin):
+    `tiny_<name>_config` (the family's `tiny_config`, when it has one) and `<name>_model_config` (a full
+    model config from the bound keys, through `complete_config`). Override to add more."""
+    import gin
+    if self.tiny_config is not None:
+      gin.external_configurable(self.tiny_config, name=f"tiny_{self.name}_config")
+    complete = self.complete_config
+
+    def model_config(**config):
+      return complete(config)
+
+    model_config.__doc__ = f"A full {self.name} model config: bind its keys (see the family's complete_config)."
+    gin.configurable(f"{self.name}_model_config")(model_config)
 
   def __repr__(self) -> str:
     return f"<Family {self.name}>"

@@ -23,8 +23,40 @@ BN_EPSILON = 1e-5
 
 def batch_norm(*, synchronized: bool = True, name: str | None = None, **kwargs) -> keras.layers.BatchNormalization:
   """BatchNorm with MMV's settings; synchronized across replicas (a no-op without a strategy)."""
-  return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                         synchronized=synchronized, name=name, **kwargs)
+  return StableSyncBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                      synchronized=synchronized, name=name, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="mmv_tf")
+class StableSyncBatchNormalization(keras.layers.BatchNormalization):
+  """Keras BatchNormalization whose synchronized statistics are computed in two passes.
+
+  Keras' synchronized moments (TF backend) all-reduce sum(x) and sum(x^2) and take
+  var = E[x^2] - E[x]^2, clamped at 0. In float32 that cancels catastrophically when |mean| >> std: the
+  error of var is ~2^-24 * mean^2, so a channel with mean^2/var ~ 1e5 has ~1e-2 relative error, and a
+  channel whose var rounds below zero is normalised by sqrt(epsilon) instead (seen as a 17% gradient
+  difference between 2 replicas and one device on the same global batch). Here the global mean is
+  all-reduced first and then sum((x - mean)^2): the same statistics as one device's `tf.nn.moments` up to
+  summation order, for one more all-reduce of C values per layer. Without a replica context, with one
+  replica, or with a mask, it is Keras' own computation.
+  """
+
+  def _moments(self, inputs, mask):
+    if not self.synchronized or mask is not None:
+      return super()._moments(inputs, mask)
+    # Statistics in float32 (float64 stays float64) also under mixed precision, as Keras does.
+    x = inputs if inputs.dtype == tf.float64 else tf.cast(inputs, tf.float32)
+    axes = self._reduction_axes
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+      mean, variance = tf.nn.moments(x, axes)  # Keras' synchronized path would take the one-pass formula
+    else:
+      sum_ = lambda t: ctx.all_reduce(tf.distribute.ReduceOp.SUM, t)  # noqa: E731
+      count = sum_(tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype))
+      mean = sum_(tf.reduce_sum(x, axis=axes, keepdims=True)) / count
+      variance = sum_(tf.reduce_sum(tf.square(x - mean), axis=axes)) / count
+      mean = tf.squeeze(mean, axes)
+    return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
 
 
 def conv_initializer() -> keras.initializers.Initializer:

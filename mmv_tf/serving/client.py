@@ -1,4 +1,4 @@
-"""Client for an MMV model behind TF Serving (stock `tensorflow_model_server` or `mmv-tf serve`).
+"""Client for a model behind TF Serving (stock `tensorflow_model_server` or `mmv-tf serve`).
 
 ```python
 client = ServingClient(server="127.0.0.1:8500", model_name="mmv")
@@ -18,18 +18,33 @@ dtypes numpy cannot hold (bfloat16, float8, quantized, int4).
 """
 from __future__ import annotations
 
-import io
-import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-# Which embedding space to compare two modalities in (the TF-Hub MMV usage rules; docs/serving.md).
-SPACE = {
-    frozenset({"video", "text"}): "vat", frozenset({"image", "text"}): "vat",
-    frozenset({"audio", "text"}): "vat", frozenset({"video", "audio"}): "va",
-    frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
-}
+# Outputs that are a tower's own features, not a space shared with other modalities.
+FEATURE_OUTPUTS = frozenset({"before_head", "last_conv", "features"})
+
+
+def shared_space(outputs_by_signature: Mapping[str, Sequence[str]], a: str, b: str) -> str:
+  """The output in which to compare modalities `a` and `b`, read off the served signatures' outputs (the
+  server does not expose the export's `embedding_spaces`; docs/serving.md "Which space").
+
+  The candidates are the outputs both signatures have, less the towers' own features. One candidate is the
+  answer (MMV/VATT video-text: `vat`). Of several, the space fewer signatures share is the finer one (MMV/VATT
+  video-audio: `va`, shared by video, audio and image, before `vat`, which text also has). A tie is ambiguous
+  and raises: pass the space explicitly (`mmv-tf query --space`).
+  """
+  common = (set(outputs_by_signature[a]) & set(outputs_by_signature[b])) - FEATURE_OUTPUTS
+  if not common:
+    raise ValueError(f"signatures {a!r} and {b!r} share no embedding output ({a}: "
+                     f"{sorted(outputs_by_signature[a])}, {b}: {sorted(outputs_by_signature[b])})")
+  sharing = {space: sum(space in outs for outs in outputs_by_signature.values()) for space in common}
+  fewest = min(sharing.values())
+  best = sorted(space for space, n in sharing.items() if n == fewest)
+  if len(best) > 1:
+    raise ValueError(f"{a} and {b} can be compared in any of {best}; choose one with --space")
+  return best[0]
 
 
 class ServingClient:

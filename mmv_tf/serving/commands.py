@@ -138,6 +138,9 @@ def _query_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--sample_rate", type=int, default=48000)
   parser.add_argument("--image_bytes", action="store_true",
                       help="send images as encoded bytes to `image_bytes` (decoded in-graph)")
+  parser.add_argument("--space", default=None,
+                      help="the output to compare modalities in (default: chosen from the served signatures' "
+                      "outputs, see docs/serving.md; needed when a pair shares several, e.g. BraVe)")
   parser.add_argument("--json", action="store_true", help="print embeddings as JSON")
   parser.add_argument("--timeout", type=float, default=120.0)
 
@@ -186,6 +189,9 @@ def _query_run(args) -> int:
                       for m, (labels, outs) in embeddings.items()}))
     return 0
   modalities = list(embeddings)
+  # The modality signatures' outputs decide the space of each pair (client_lib.shared_space).
+  outputs = {m: list(sigs[name]["outputs"]) for m, name in (("video", "video"), ("audio", "audio"), ("text", "text"),
+             ("image", "image_bytes"), ("image", "image")) if name in sigs}
   if len(modalities) == 1:
     (labels, outs), = embeddings.values()
     for key, value in outs.items():
@@ -196,7 +202,11 @@ def _query_run(args) -> int:
     return 0
   for i, a in enumerate(modalities):
     for b in modalities[i + 1:]:
-      space = client_lib.SPACE.get(frozenset({a, b}), "va")
+      try:
+        space = args.space or client_lib.shared_space(outputs, a, b)
+      except ValueError as e:
+        print(f"mmv-tf query: {e}", file=sys.stderr)
+        return 2
       la, oa = embeddings[a]
       lb, ob = embeddings[b]
       sims = client_lib.similarity_matrix(oa[space], ob[space])

@@ -14,62 +14,39 @@ gin/brave/*.gin (paper) and gin/tiny/brave_*.gin (CPU).
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Dict, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
+from mmv_tf.evaluation import features
 from mmv_tf.families.base import Family
 from mmv_tf.families.brave import heads
 from mmv_tf.families.brave import model as brave_model
 
-log = logging.getLogger(__name__)
 
 # Data settings the model's `preprocessing` owns: a run's data options may not restate them.
 _PREPROCESSING_OPTIONS = tuple(brave_model.DEFAULT_PREPROCESSING) + ("space_to_depth", "spec")
 
 
-class BraveEmbedder:
+class BraveEmbedder(features.ModelEmbedder):
   """What the shared evaluation calls (`evaluation.features.embed_batch`): `embed_video` (narrow tower) and,
-  for a broad audio tower, `embed_waveform` (BraVe's log-mel in the model); no text."""
-
-  text_input = None
+  for a broad audio tower, `embed_waveform` (BraVe's log-mel in the model); images through the deflated narrow
+  network and the shared head; no text."""
 
   def __init__(self, model, *, image_model=None, name: str = "brave", embedding_spaces=None):
-    self.model, self.name, self.image_model = model, name, image_model
-    self.embedding_spaces = dict(embedding_spaces or {})  # which output compares which two modalities
-    self.audio_input = "waveform" if model.broad == "audio" else None
-    pre = model.preprocessing_config
-    self.preprocessing = {k: pre[k] for k in ("num_frames", "stride", "crop_size", "min_resize", "sample_rate")}
-    self._video = tf.function(lambda x: model.embed_video(x, training=False), reduce_retracing=True)
-    self._waveform = tf.function(lambda x: model.embed_waveform(x, training=False), reduce_retracing=True)
-    self._image = None
+    audio = None
+    if model.broad == "audio":
+      audio = lambda x: model.embed_waveform(x, training=False)
+    image = None
     if image_model is not None:
       from mmv_tf.families.brave.signatures import image_features
-      self._image = tf.function(lambda x: model.project_features(image_features(image_model(x, training=False))),
-                                reduce_retracing=True)
-
-  @property
-  def has_images(self) -> bool:
-    return self._image is not None
-
-  @staticmethod
-  def _numpy(out) -> Dict[str, np.ndarray]:
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
-
-  def embed_video(self, video) -> Dict[str, np.ndarray]:
-    return self._numpy(self._video(np.asarray(video, np.float32)))
-
-  def embed_waveform(self, audio) -> Dict[str, np.ndarray]:
-    if self.audio_input is None:
-      raise NotImplementedError("this BraVe model's broad view is video: no audio tower")
-    return self._numpy(self._waveform(np.asarray(audio, np.float32)))
-
-  def embed_image(self, image) -> Dict[str, np.ndarray]:
-    if self._image is None:
-      raise NotImplementedError("no deflated image network")
-    return self._numpy(self._image(np.asarray(image, np.float32)))
+      image = lambda x: model.project_features(image_features(image_model(x, training=False)))
+    super().__init__(name=name, embedding_spaces=embedding_spaces, audio=audio, image=image,
+                     video=lambda x: model.embed_video(x, training=False))
+    self.model, self.image_model = model, image_model
+    self.audio_input = "waveform" if audio is not None else None
+    pre = model.preprocessing_config
+    self.preprocessing = {k: pre[k] for k in ("num_frames", "stride", "crop_size", "min_resize", "sample_rate")}
 
 
 class BraveFamily(Family):
@@ -82,6 +59,7 @@ class BraveFamily(Family):
                       frozenset({"video", "image"}): "projection"}
   vocabulary_size_key = None
   gin_dir = "brave"
+  tiny_config = staticmethod(brave_model.tiny_brave_config)
 
   def complete_config(self, raw):
     return brave_model.complete_config(dict(raw))
@@ -140,34 +118,12 @@ class BraveFamily(Family):
     from mmv_tf.families.brave import signatures
     return signatures.build_signatures(model, image_model=image_model)
 
-  def image_model(self, model_dir, model):
-    """The deflated narrow network `mmv-tf deflate` saved, else the narrow TSM deflated now."""
-    from mmv_tf.models import deflation
-    if model_dir is not None:
-      try:
-        return deflation.load_deflated(model_dir), None
-      except (FileNotFoundError, OSError, ValueError) as e:
-        log.info("no deflated network saved in %s (%s)", model_dir, e)
-    try:
-      return deflation.deflate(model.narrow_backbone), None
-    except (TypeError, ValueError) as e:
-      return None, f"cannot deflate the narrow tower: {e}"
-
   def deflation_source(self, model):
     return model.narrow_backbone, model.num_frames, model.crop_size
 
   def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
     return BraveEmbedder(model, image_model=image_model, name=name or "brave",
                          embedding_spaces=self.embedding_spaces)
-
-  def register_gin(self):
-    import gin
-    gin.external_configurable(brave_model.tiny_brave_config, name="tiny_brave_config")
-
-    @gin.configurable("brave_model_config")
-    def brave_model_config(**config) -> Dict[str, Any]:
-      """A full BraVe model config: bind its keys (video_backbone, broad, preprocessing, ...)."""
-      return brave_model.complete_config(config)
 
 
 FAMILY = BraveFamily()

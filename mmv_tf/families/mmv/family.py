@@ -7,7 +7,6 @@ presets: gin/mmv/*.gin (paper) and gin/tiny/mmv_*.gin (CPU).
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Mapping, Optional
 
 import tensorflow as tf
@@ -15,7 +14,6 @@ import tensorflow as tf
 from mmv_tf.families.base import Family
 from mmv_tf.families.mmv import model as mmv_model
 
-log = logging.getLogger(__name__)
 
 # Data settings the model config's `preprocessing` owns: a training `options` entry may not restate them.
 _PREPROCESSING_OPTIONS = ("num_frames", "stride", "crop_size", "min_resize", "max_tokens", "sample_rate",
@@ -65,6 +63,7 @@ class MMVFamily(Family):
   }
   vocabulary_size_key = "vocab_size"
   gin_dir = "mmv"
+  tiny_config = staticmethod(mmv_model.tiny_mmv_config)
 
   @property
   def importers(self):
@@ -123,39 +122,13 @@ class MMVFamily(Family):
     from mmv_tf.families.mmv import signatures
     return signatures.build_signatures(model=model, tokenizer=tokenizer, image_model=image_model)
 
-  def image_model(self, model_dir, model):
-    """The deflated network `mmv-tf deflate` saved (BN refit), else the video backbone deflated now
-    (`model_dir` None: always the latter)."""
-    from mmv_tf.models import deflation
-    if model_dir is not None:
-      try:
-        return deflation.load_deflated(model_dir), None
-      except (FileNotFoundError, OSError, ValueError) as e:
-        log.info("no deflated network saved in %s (%s)", model_dir, e)
-    try:
-      image_model = deflation.deflate(model.video_backbone)
-    except (TypeError, ValueError) as e:
-      return None, f"cannot deflate {type(model.video_backbone).__name__}: {e}"
-    log.warning("no deflated network in %s: deflating the video backbone now without BN refit "
-                "(run `mmv-tf deflate` first for better image embeddings)", model_dir)
-    return image_model, None
-
   def deflation_source(self, model):
     return model.video_backbone, model.num_frames, model.crop_size
 
   def embedder(self, model, *, image_model=None, vocabulary_path: Optional[str] = None, name: str = ""):
-    from mmv_tf.evaluation import features
-    return features.KerasEmbedder(model=model, image_model=image_model, vocabulary_path=vocabulary_path,
-                                  name=name or "keras", embedding_spaces=self.embedding_spaces)
-
-  def register_gin(self):
-    import gin
-    gin.external_configurable(mmv_model.tiny_mmv_config, name="tiny_mmv_config")
-
-    @gin.configurable("mmv_model_config")
-    def mmv_model_config(**config):
-      """A full MMV model config dict: bind its keys (video_backbone, graph, preprocessing, ...)."""
-      return mmv_model.complete_config(config)
+    from mmv_tf.families.mmv.embedder import MMVEmbedder
+    return MMVEmbedder(model=model, image_model=image_model, vocabulary_path=vocabulary_path,
+                       name=name or "keras", embedding_spaces=self.embedding_spaces)
 
 
 FAMILY = MMVFamily()

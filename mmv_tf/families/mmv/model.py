@@ -45,7 +45,7 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from mmv_tf.models import checkpointing
+from mmv_tf.models import checkpointing, configured
 from mmv_tf.models.heads import EmbeddingHead
 
 VIDEO_BACKBONES = ("s3d", "tsm_resnet50", "tsm_resnet50x2")
@@ -136,7 +136,7 @@ def _f32(x):
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
-class MMVModel(checkpointing.SavesEveryVariable, keras.Model):
+class MMVModel(checkpointing.SavesEveryVariable, configured.ConfiguredModel, keras.Model):
   """Video/audio/text towers + the embedding graph; see the module docstring. Build with `build_mmv_model`."""
 
   family_name = "mmv"
@@ -145,9 +145,7 @@ class MMVModel(checkpointing.SavesEveryVariable, keras.Model):
     model_config.pop("name", None)
     model_config.pop("trainable", None)
     super().__init__(name="mmv")
-    # Kept as JSON text: a dict attribute would be wrapped by Keras/TF tracking (and deep-copying the
-    # wrapper copies the model: get_config took 30 s on the tiny model).
-    self._model_config_json = json.dumps(complete_config(model_config), sort_keys=True)
+    self._set_model_config(complete_config(model_config))  # JSON text: see models/configured.py
     c = self._model_config
     self.graph = c["graph"]
     self.video_backbone = _make_video_backbone(c)
@@ -180,37 +178,14 @@ class MMVModel(checkpointing.SavesEveryVariable, keras.Model):
 
   # -- configuration ---------------------------------------------------------------------------------------------
 
-  @property
-  def _model_config(self) -> dict[str, Any]:
-    return json.loads(self._model_config_json)
-
-  def get_config(self) -> dict[str, Any]:
-    return self._model_config
-
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return build_mmv_model(**config)
 
   @property
-  def preprocessing_config(self) -> dict[str, Any]:
-    return dict(self._model_config["preprocessing"])
-
-  @property
-  def num_frames(self) -> int:
-    return self._model_config["preprocessing"]["num_frames"]
-
-  @property
-  def crop_size(self) -> int:
-    return self._model_config["preprocessing"]["crop_size"]
-
-  @property
   def needs_static_frames(self) -> bool:
     """TSM's temporal shift needs T = num_frames at every call."""
     return self._model_config["video_backbone"] != "s3d"
-
-  @property
-  def max_tokens(self) -> int:
-    return self._model_config["preprocessing"]["max_tokens"]
 
   @property
   def vocab_size(self) -> int:

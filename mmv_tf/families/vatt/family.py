@@ -65,6 +65,7 @@ class VATTFamily(Family):
   }
   vocabulary_size_key = "vocab_size"
   gin_dir = "vatt"
+  tiny_config = staticmethod(vatt_model.tiny_vatt_config)
 
   def complete_config(self, raw):
     return vatt_model.complete_config(dict(raw))
@@ -124,15 +125,6 @@ class VATTFamily(Family):
     from mmv_tf.families.vatt import signatures
     return signatures.VATTEmbedder(model, vocabulary_path=vocabulary_path, name=name or "vatt",
                                    embedding_spaces=self.embedding_spaces)
-
-  def register_gin(self):
-    import gin
-    gin.external_configurable(vatt_model.tiny_vatt_config, name="tiny_vatt_config")
-
-    @gin.configurable("vatt_model_config")
-    def vatt_model_config(**config):
-      """A full VATT model config dict: bind its keys (backbone, video_size, preprocessing, ...)."""
-      return vatt_model.complete_config(config)
 
 
 FAMILY = VATTFamily()

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from mmv_tf.families.vatt import backbones as bb
 from mmv_tf.families.vatt import heads
-from mmv_tf.models import checkpointing
+from mmv_tf.models import checkpointing, configured
 
 BACKBONES = ("modality_specific", "modality_agnostic")
 
@@ -130,7 +130,7 @@ def _make_towers(c) -> dict[str, keras.Model]:
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
-class VATTModel(checkpointing.SavesEveryVariable, keras.Model):
+class VATTModel(checkpointing.SavesEveryVariable, configured.ConfiguredModel, keras.Model):
   """Towers + FAC head; see the module docstring. Build with `build_vatt_model`."""
 
   family_name = "vatt"
@@ -139,8 +139,7 @@ class VATTModel(checkpointing.SavesEveryVariable, keras.Model):
     model_config.pop("name", None)
     model_config.pop("trainable", None)
     super().__init__(name="vatt")
-    # JSON text, not a dict attribute (Keras would wrap and track it; same choice as MMVModel).
-    self._model_config_json = json.dumps(complete_config(model_config), sort_keys=True)
+    self._set_model_config(complete_config(model_config))  # JSON text: see models/configured.py
     c = self._model_config
     self.agnostic = c["backbone"] == "modality_agnostic"
     towers = _make_towers(c)
@@ -153,36 +152,13 @@ class VATTModel(checkpointing.SavesEveryVariable, keras.Model):
 
   # -- configuration ---------------------------------------------------------------------------------------------
 
-  @property
-  def _model_config(self) -> dict[str, Any]:
-    return json.loads(self._model_config_json)
-
-  def get_config(self) -> dict[str, Any]:
-    return self._model_config
-
   @classmethod
   def from_config(cls, config, custom_objects=None):
     return build_vatt_model(**config)
 
   @property
-  def preprocessing_config(self) -> dict[str, Any]:
-    return dict(self._model_config["preprocessing"])
-
-  @property
-  def num_frames(self) -> int:
-    return self.preprocessing_config["num_frames"]
-
-  @property
-  def crop_size(self) -> int:
-    return self.preprocessing_config["crop_size"]
-
-  @property
   def num_audio_samples(self) -> int:
     return self.preprocessing_config["num_audio_samples"]
-
-  @property
-  def max_tokens(self) -> int:
-    return self.preprocessing_config["max_tokens"]
 
   @property
   def vocab_size(self) -> int:

@@ -11,17 +11,16 @@ docs/serving.md, docs/families.md).
 T, S and N are fixed to the model's `num_frames`, `crop_size` and `num_audio_samples`: the backbones need a
 static token grid to re-sample their position tables (`backbones._table_for`), and a SavedModel signature has
 one input shape. Text has no S_va embedding. Audio reaches `vat` through the video's va->vat head. The audio
-signature also returns the pooled features as `last_conv`: the name the shared evaluation's SavedModel embedder
-requires of an `audio` signature (`mmv_tf.evaluation.features.SIGNATURE_SPECS`, MMV's outputs) and its audio
-probe reads.
+signature also returns the pooled features as `last_conv`: the name the shared evaluation's audio probe reads.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
 
+from mmv_tf.evaluation import features
 from mmv_tf.serving import signatures as S
 
 SIGNATURE_ORDER = ("video", "audio", "text", "text_ids")
@@ -96,11 +95,7 @@ def build_signatures(*, model, tokenizer=None, seed: int = 0) -> Dict[str, S.Sig
 
 # ------------------------------------------------------------------------------------------------- evaluation
 
-def _numpy(outputs: Mapping[str, tf.Tensor], names: Sequence[str]) -> Dict[str, np.ndarray]:
-  return {k: np.asarray(outputs[k], np.float32) for k in names}
-
-
-class VATTEmbedder:
+class VATTEmbedder(features.ModelEmbedder):
   """What `mmv_tf.evaluation.features.embed_batch` calls, for an in-process VATTModel.
 
   Audio is the raw waveform (`audio_input = "waveform"`), text the pipeline's word ids. Waveforms are cropped
@@ -111,27 +106,21 @@ class VATTEmbedder:
 
   audio_input = "waveform"
   text_input = "ids"
-  has_images = False
 
   def __init__(self, model, *, vocabulary_path=None, name: str = "vatt", embedding_spaces=None):
-    self.model, self.vocabulary_path, self.name = model, vocabulary_path, name
-    self.embedding_spaces = dict(embedding_spaces or {})  # which output compares which two modalities
+    # Static shapes: the position grids must be known when tracing.
+    super().__init__(name=name, embedding_spaces=embedding_spaces, vocabulary_path=vocabulary_path,
+                     max_tokens=model.max_tokens, static_shapes=True,
+                     video=lambda x: model.embed_video(x, training=False),
+                     audio=lambda x: model.embed_audio(x, training=False),
+                     text=lambda x: model.embed_text(x, training=False))
+    self.model = model
     self.preprocessing = model.preprocessing_config
-    # Static shapes (no reduce_retracing): the position grids must be known when tracing.
-    self._video = tf.function(lambda x: model.embed_video(x, training=False))
-    self._audio = tf.function(lambda x: model.embed_audio(x, training=False))
-    self._text = tf.function(lambda x: model.embed_text(x, training=False))
-
-  def embed_video(self, video) -> Dict[str, np.ndarray]:
-    return _numpy(self._video(tf.constant(np.asarray(video, np.float32))), VIDEO_OUTPUTS)
 
   def embed_waveform(self, audio) -> Dict[str, np.ndarray]:
-    audio = _fit_length(np.asarray(audio, np.float32), self.preprocessing["num_audio_samples"])
-    out = _numpy(self._audio(tf.constant(audio)), AUDIO_OUTPUTS)
+    out = super().embed_waveform(_fit_length(np.asarray(audio, np.float32),
+                                             self.preprocessing["num_audio_samples"]))
     return {**out, "last_conv": out["before_head"]}
-
-  def embed_text(self, word_ids) -> Dict[str, np.ndarray]:
-    return _numpy(self._text(tf.constant(np.asarray(word_ids, np.int32))), TEXT_OUTPUTS)
 
 
 def _fit_length(x: np.ndarray, n: int) -> np.ndarray:

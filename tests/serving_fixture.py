@@ -1,4 +1,5 @@
-"""A tiny exported MMV model shared by the serving tests (built and exported once per process).
+"""A tiny exported MMV model shared by the serving tests, built and exported once per process (test code,
+so it may name a family).
 
 `tiny_model_dir(root)` writes a model dir (config, checkpoint, vocabulary) from a freshly built tiny MMV model;
 `tiny_export()` exports it with `mmv-tf export` in a subprocess that never imports tensorflow_io, and returns the
