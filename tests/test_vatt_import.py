@@ -97,6 +97,32 @@ def official_shapes():
   return out
 
 
+UNIFIED = "_base_layer/unified_backbone/unified_transformer/"
+POST = 48  # post-projection width of the tiny modality-agnostic model
+
+
+def official_agnostic_shapes():
+  """{short key: shape} of a tiny modality-agnostic checkpoint (`uvatt.UniversalVATT` + FACHead)."""
+  u = UNIFIED
+  out = {u + "raw_to_embeddings/video/kernel": VIDEO_PATCH + (3, D), u + "raw_to_embeddings/video/bias": (D,),
+         u + "raw_to_embeddings/audio/kernel": (AUDIO_PATCH, 1, D), u + "raw_to_embeddings/audio/bias": (D,),
+         u + "raw_to_embeddings/text/embeddings": (VOCAB, EMBED)}
+  grids = {"video": dict(zip(("temporal", "vertical", "horizontal"), VIDEO_GRID)),
+           "audio": {"temporal": AUDIO_GRID}, "text": {"temporal": 16}}
+  for m, short in (("video", "vid"), ("audio", "aud"), ("text", "txt")):
+    out.update({f"{u}pre_proj/{m}/kernel": (EMBED if m == "text" else D, D), f"{u}pre_proj/{m}/bias": (D,),
+                f"{u}post_proj/{m}/kernel": (D, POST), f"{u}post_proj/{m}/bias": (POST,),
+                f"{u}{short}_agg_embedding": (D,), **_norm(f"{u}pos_embedding_lookup/{m}/layernorm/", D)})
+    for axis, n in grids[m].items():
+      out[f"{u}pos_embedding_lookup/{m}/{axis}_position_embeddings/embeddings"] = (n, D)
+  out.update(_encoder(u + "tx/"))
+  out.update({k: s for k, s in official_shapes().items() if k.startswith(HEAD)})
+  for key, shape in ((HEAD + "vid_to_hid/kernel", (POST, HIDDEN)), (HEAD + "aud_to_va/kernel", (POST, VA)),
+                     (HEAD + "txt_to_vat/kernel", (POST, VAT))):
+    out[key] = shape
+  return out
+
+
 def synthesize(shapes, seed=0):
   """Random values: norms' scales near 1, BN variances positive, the rest N(0, 0.3^2)."""
   rng = np.random.default_rng(seed)
@@ -184,6 +210,22 @@ def test_sizes_are_inferred_and_num_heads_honoured(imported):
   assert model.audio_backbone.transformer.layer_1.mha.num_heads == 4
   default = import_tf.released_model_config(official_shapes_arrays(), num_frames=NUM_FRAMES, crop_size=CROP)
   assert default["video_size"]["num_heads"] == D // 64 and default["video_size"]["d_kv"] == D
+
+
+def test_modality_agnostic_checkpoint(tmp_path):
+  tensors = synthesize(official_agnostic_shapes(), seed=1)
+  prefix = write_checkpoint(str(tmp_path / "ckpt-2"), tensors)
+  model, report = import_tf.import_checkpoint(checkpoint=prefix, num_frames=NUM_FRAMES, crop_size=CROP,
+                                              num_heads="agnostic=2")
+  c = model.get_config()
+  assert c["backbone"] == "modality_agnostic" and c["post_projection_dim"] == POST and c["text_buckets"] == 16
+  assert c["agnostic_size"] == {"num_layers": LAYERS, "d_model": D, "d_ff": FF, "num_heads": 2, "d_kv": 32}
+  mapping = import_tf.tf_variable_map(model)
+  assert sorted(mapping) == sorted(tensors) and report["loaded"] == len(tensors)
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(mapping[key].numpy(), value, err_msg=key)
+  with pytest.raises(ValueError, match="one encoder"):
+    import_tf.released_model_config(tensors, num_heads="video=2")
 
 
 def official_shapes_arrays():
