@@ -75,25 +75,37 @@ def _t5(prefix, *, d=D, inner=D, ff=FF, layers=LAYERS, heads=TEXT_HEADS):
   return out
 
 
-def official_shapes():
-  """{short key: shape} of a tiny modality-specific VATT pre-training checkpoint (ViTx3D, AuTx1D, T5, FACHead)."""
-  out = {VIDEO + "voxel_to_patch/kernel": VIDEO_PATCH + (3, D), VIDEO + "voxel_to_patch/bias": (D,),
-         VIDEO + "agg_embedding": (D,), **_norm(VIDEO + "pos_embedding_lookup/layernorm/", D)}
-  for axis, n in zip(("temporal", "vertical", "horizontal"), VIDEO_GRID):
-    out[f"{VIDEO}pos_embedding_lookup/{axis}_position_embeddings/embeddings"] = (n, D)
-  out.update(_encoder(VIDEO + "tx/"))
-  out.update({AUDIO + "wave_to_patch/kernel": (AUDIO_PATCH, 1, D), AUDIO + "wave_to_patch/bias": (D,),
-              AUDIO + "agg_embedding": (D,), **_norm(AUDIO + "pos_embedding_lookup/layernorm/", D),
-              AUDIO + "pos_embedding_lookup/temporal_position_embeddings/embeddings": (AUDIO_GRID, D)})
-  out.update(_encoder(AUDIO + "tx/"))
-  out.update({TEXT + "embedding/embeddings": (VOCAB, EMBED), TEXT + "agg_embedding": (EMBED,),
-              TEXT + "pre_proj/kernel": (EMBED, D)})
-  out.update(_t5(TEXT + "base_lm/"))
-  out.update({HEAD + "vid_to_hid/kernel": (D, HIDDEN), **_bn(HEAD + "hid_to_va/pre_bn/", HIDDEN),
-              HEAD + "hid_to_va/dense/kernel": (HIDDEN, VA), **_bn(HEAD + "hid_to_va/bn/", VA),
-              HEAD + "va_to_vat/dense/kernel": (VA, VAT), **_bn(HEAD + "va_to_vat/bn/", VAT),
-              HEAD + "aud_to_va/kernel": (D, VA), HEAD + "aud_to_va/bias": (VA,),
-              HEAD + "txt_to_vat/kernel": (D, VAT), HEAD + "txt_to_vat/bias": (VAT,)})
+TINY = dict(video=(D, LAYERS, FF), audio=(D, LAYERS, FF), text=(D, LAYERS, FF, TEXT_HEADS), video_patch=VIDEO_PATCH,
+            video_grid=VIDEO_GRID, audio_patch=AUDIO_PATCH, audio_grid=AUDIO_GRID, vocab=VOCAB, embed=EMBED,
+            fac=(HIDDEN, VA, VAT))
+# The released BBS model (paper Table 7: ViT-Base, WaT-Base, T5-Small; 32 x 224 px, 3.2 s at 48 kHz; FAC 512/256).
+BBS = dict(video=(768, 12, 3072), audio=(768, 12, 3072), text=(512, 6, 2048, 8), video_patch=(4, 16, 16),
+           video_grid=(8, 14, 14), audio_patch=128, audio_grid=1200, vocab=65536, embed=300, fac=(512, 512, 256))
+
+
+def official_shapes(video=TINY["video"], audio=TINY["audio"], text=TINY["text"], video_patch=VIDEO_PATCH,
+                    video_grid=VIDEO_GRID, audio_patch=AUDIO_PATCH, audio_grid=AUDIO_GRID, vocab=VOCAB, embed=EMBED,
+                    fac=TINY["fac"]):
+  """{short key: shape} of a modality-specific VATT pre-training checkpoint (ViTx3D, AuTx1D, T5, FACHead);
+  (d_model, layers, d_ff[, heads]) per tower; the attention width is d_model (64-wide heads)."""
+  (dv, lv, fv), (da, la, fa), (dt, lt, ft, ht), (hidden, va, vat) = video, audio, text, fac
+  out = {VIDEO + "voxel_to_patch/kernel": tuple(video_patch) + (3, dv), VIDEO + "voxel_to_patch/bias": (dv,),
+         VIDEO + "agg_embedding": (dv,), **_norm(VIDEO + "pos_embedding_lookup/layernorm/", dv)}
+  for axis, n in zip(("temporal", "vertical", "horizontal"), video_grid):
+    out[f"{VIDEO}pos_embedding_lookup/{axis}_position_embeddings/embeddings"] = (n, dv)
+  out.update(_encoder(VIDEO + "tx/", d=dv, inner=dv, ff=fv, layers=lv))
+  out.update({AUDIO + "wave_to_patch/kernel": (audio_patch, 1, da), AUDIO + "wave_to_patch/bias": (da,),
+              AUDIO + "agg_embedding": (da,), **_norm(AUDIO + "pos_embedding_lookup/layernorm/", da),
+              AUDIO + "pos_embedding_lookup/temporal_position_embeddings/embeddings": (audio_grid, da)})
+  out.update(_encoder(AUDIO + "tx/", d=da, inner=da, ff=fa, layers=la))
+  out.update({TEXT + "embedding/embeddings": (vocab, embed), TEXT + "agg_embedding": (embed,),
+              TEXT + "pre_proj/kernel": (embed, dt)})
+  out.update(_t5(TEXT + "base_lm/", d=dt, inner=dt, ff=ft, layers=lt, heads=ht))
+  out.update({HEAD + "vid_to_hid/kernel": (dv, hidden), **_bn(HEAD + "hid_to_va/pre_bn/", hidden),
+              HEAD + "hid_to_va/dense/kernel": (hidden, va), **_bn(HEAD + "hid_to_va/bn/", va),
+              HEAD + "va_to_vat/dense/kernel": (va, vat), **_bn(HEAD + "va_to_vat/bn/", vat),
+              HEAD + "aud_to_va/kernel": (da, va), HEAD + "aud_to_va/bias": (va,),
+              HEAD + "txt_to_vat/kernel": (dt, vat), HEAD + "txt_to_vat/bias": (vat,)})
   return out
 
 
@@ -228,8 +240,43 @@ def test_modality_agnostic_checkpoint(tmp_path):
     import_tf.released_model_config(tensors, num_heads="video=2")
 
 
-def official_shapes_arrays():
-  return {k: np.zeros(s, np.float32) for k, s in official_shapes().items()}
+def official_shapes_arrays(**sizes):
+  """Zero arrays of the layout's shapes (read-only broadcast views: no memory even at full size)."""
+  return {k: np.broadcast_to(np.float32(0), s) for k, s in official_shapes(**sizes).items()}
+
+
+# Reference appendix section 11 (an arithmetic count of the authors' modules): ViT-Base at 224 px 87.45 M,
+# WaT-Base 86.08 M, T5-Small 19.04 M trainable + 19.66 M frozen word2vec table; exact values of those counts.
+BBS_COUNTS = {VIDEO: 87_446_016, AUDIO: 86_078_976, TEXT: 19_038_252 + 19_660_800}
+
+
+def _count(shapes, prefix):
+  return sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith(prefix))
+
+
+def test_full_size_layout_has_the_reference_counts_and_infers_the_paper_sizes():
+  shapes = official_shapes(**BBS)
+  assert {p: _count(shapes, p) for p in BBS_COUNTS} == BBS_COUNTS
+  assert int(np.prod(shapes[TEXT + "embedding/embeddings"])) == 19_660_800
+  c = import_tf.released_model_config(official_shapes_arrays(**BBS))  # heads default to d_model / 64
+  assert c["video_size"] == c["audio_size"] == {"num_layers": 12, "d_model": 768, "d_ff": 3072, "num_heads": 12,
+                                                "d_kv": 64}
+  assert c["text_size"] == {"num_layers": 6, "d_model": 512, "d_ff": 2048, "num_heads": 8, "d_kv": 64}
+  assert c["video_buckets"] == [8, 14, 14] and c["audio_buckets"] == 1200 and c["video_patch_size"] == [4, 16, 16]
+  assert (c["vocab_size"], c["embedding_dim"], c["va_dim"], c["vat_dim"]) == (65536, 300, 512, 256)
+
+
+@pytest.mark.slow
+def test_full_size_bbs_model_maps_onto_the_layout():
+  """Builds the 200 M-parameter BBS model (a forward pass at 32 x 224 px): its name map is the full-size layout
+  and its towers have the reference counts."""
+  arrays = official_shapes_arrays(**BBS)
+  model = vatt_model.build_vatt_model(**import_tf.released_model_config(arrays))
+  mapping = import_tf.tf_variable_map(model)
+  shapes = official_shapes(**BBS)
+  assert sorted(mapping) == sorted(shapes)
+  assert all(tuple(v.shape) == shapes[k] for k, v in mapping.items())
+  assert {p: sum(int(np.prod(v.shape)) for k, v in mapping.items() if k.startswith(p)) for p in BBS_COUNTS} == BBS_COUNTS
 
 
 def test_bad_num_heads_are_rejected():
