@@ -325,6 +325,8 @@ def test_not_a_vatt_checkpoint(tmp_path):
   tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""], tensors=[tf.zeros([2])])
   with pytest.raises(ValueError, match="not a VATT pre-training checkpoint"):
     import_tf.read_checkpoint(prefix)
+  with pytest.raises(ValueError, match="cannot read a TF checkpoint"):
+    import_tf.read_checkpoint(str(tmp_path / "ckpt-9"))
 
 
 def test_position_tables_are_resampled_onto_another_grid(ckpt):
