@@ -184,6 +184,9 @@ def test_name_map_equals_the_official_layout(imported):
   mapping = import_tf.tf_variable_map(model)
   shapes = official_shapes()
   assert sorted(mapping) == sorted(shapes)  # string for string
+  # the key the authors' restore.py documents, spelled by the test's layout
+  assert ROOT + VIDEO + "tx/layers/0/mha/q/kernel" + SUFFIX == (
+      "model/layer_with_weights-0/_base_layer/vid_backbone/_base/tx/layers/0/mha/q/kernel/.ATTRIBUTES/VARIABLE_VALUE")
   for key, var in mapping.items():
     assert tuple(var.shape) == shapes[key], key
   assert len(mapping) == len(import_tf.model_weights(model))
@@ -366,6 +369,14 @@ def test_cli_imports_and_exports(tmp_path, capsys, ckpt, imported):
   for k in ("before_head", "va", "vat"):
     np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-5, atol=1e-5)
   assert np.abs(want["before_head"].numpy()).max() > 0.1
+  waveform = tf.random.stateless_uniform([2, model.num_audio_samples], seed=[3, 4], minval=-1, maxval=1)
+  ids = tf.constant([[5, 6, 7] + [0] * 13, [8, 3, 1, 19] + [0] * 12], tf.int32)
+  got_a, want_a = loaded.signatures["audio"](audio=waveform), model.embed_audio(waveform)
+  got_t, want_t = loaded.signatures["text_ids"](word_ids=ids), model.embed_text(ids)
+  for k in ("before_head", "va", "vat"):
+    np.testing.assert_allclose(got_a[k].numpy(), want_a[k].numpy(), rtol=1e-5, atol=1e-5)
+  for k in ("before_head", "vat"):
+    np.testing.assert_allclose(got_t[k].numpy(), want_t[k].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_rejects_a_mismatch(tmp_path, capsys, ckpt):

@@ -15,7 +15,8 @@ position table instead, like the authors' released code.
 
 Every backbone returns a dict with
 `features` float32 [B, d] (the encoder output at the [AGG] position, what VATT's heads and linear probes use) and
-`tokens` float32 [B, N, d] (the other outputs; N is the kept count when DropToken ran). The modality-agnostic
+`tokens` float32 [B, N, d] (the other outputs; N is the kept count when DropToken ran); both float64 when the
+model is float64 (tests against NumPy references). The modality-agnostic
 backbone returns one such dict per modality given, with d = its post-projection width.
 
 Sizes (`TRANSFORMER_SIZES`, paper Table 7; XLarge only in the released code): a size name or a dict
