@@ -514,5 +514,7 @@ def test_imported_towers_match_a_numpy_forward_of_the_checkpoint(ckpt, imported)
   model32, _ = imported
   err_video = np.abs(model32.video_backbone(tf.constant(video, tf.float32))["features"].numpy() - want_video).max()
   err_text = np.abs(model32.text_backbone(tf.constant(word_ids, tf.int32))["features"].numpy() - want_text).max()
-  print(f"float32 max abs error: video {err_video:.2e} (|out| {scale:.2f}), text {err_text:.2e}")
+  print(f"max abs error vs NumPy float64: float64 model video {np.abs(got_video - want_video).max():.1e}, text "
+        f"{np.abs(got_text - want_text).max():.1e}; float32 model video {err_video:.2e} (|out| {scale:.2f}), "
+        f"text {err_text:.2e} (|out| {np.abs(want_text).max():.2f})")
   assert err_video < 1e-4 * scale and err_text < 1e-4 * np.abs(want_text).max()
