@@ -360,7 +360,7 @@ def test_cli_imports_and_exports(tmp_path, capsys, ckpt, imported):
   base = str(tmp_path / "export")
   assert cli.main(["import-checkpoint", "--format", "vatt-tf", "--checkpoint", prefix, "--export_dir", base,
                    "--num_frames", str(NUM_FRAMES), "--crop_size", str(CROP), "--num_heads", "video=2,audio=4",
-                   "--no_warmup"]) == 0
+                   "--no_warmup", "--model_dir", str(tmp_path / "model")]) == 0
   out = capsys.readouterr().out
   assert '"tensors_loaded": %d' % len(official_shapes()) in out
   loaded = tf.saved_model.load(os.path.join(base, "1"))
@@ -377,6 +377,17 @@ def test_cli_imports_and_exports(tmp_path, capsys, ckpt, imported):
     np.testing.assert_allclose(got_a[k].numpy(), want_a[k].numpy(), rtol=1e-5, atol=1e-5)
   for k in ("before_head", "vat"):
     np.testing.assert_allclose(got_t[k].numpy(), want_t[k].numpy(), rtol=1e-5, atol=1e-5)
+  # the model dir holds the inferred config (incl. d_kv) and every imported weight. (Not `model_dir.restore` in
+  # this process: Keras numbers the dropout layers' seed-generator variables per process, so a second VATT model
+  # built here has other variable paths than the one the CLI saved.)
+  from mmv_tf.families import model_dir
+  from mmv_tf.models import checkpointing
+  _, config = model_dir.load_config(str(tmp_path / "model"))
+  assert config == model.get_config()
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "model")))
+  for var in import_tf.model_weights(model):
+    np.testing.assert_array_equal(reader.get_tensor(checkpointing.variable_checkpoint_key(var, prefix="model")),
+                                  var.numpy(), err_msg=var.path)
 
 
 def test_cli_rejects_a_mismatch(tmp_path, capsys, ckpt):
