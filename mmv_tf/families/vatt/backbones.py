@@ -15,11 +15,13 @@ position table instead, like the authors' released code.
 
 Every backbone returns a dict with
 `features` float32 [B, d] (the encoder output at the [AGG] position, what VATT's heads and linear probes use) and
-`tokens` float32 [B, N, d] (the other outputs; N is the kept count when DropToken ran). The modality-agnostic
+`tokens` float32 [B, N, d] (the other outputs; N is the kept count when DropToken ran); both float64 when the
+model is float64 (tests against NumPy references). The modality-agnostic
 backbone returns one such dict per modality given, with d = its post-projection width.
 
 Sizes (`TRANSFORMER_SIZES`, paper Table 7; XLarge only in the released code): a size name or a dict
-with `num_layers`, `d_model`, `d_ff`, `num_heads` (tiny test models). Paper choices: video Base/Medium/Large, audio
+with `num_layers`, `d_model`, `d_ff`, `num_heads` and optionally `d_kv` (default 64; tiny test models and
+imported checkpoints). Paper choices: video Base/Medium/Large, audio
 Base, text Small; the modality-agnostic model is Medium.
 
 Position tables are learnt for the pre-training grid (video 8x14x14 = 32 frames at 224 px, audio 1200 = 3.2 s at
@@ -38,12 +40,16 @@ import tensorflow as tf
 from mmv_tf.families.vatt import transformer as tx
 
 
+D_KV = 64  # per-head width of every size (paper Table 7)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerSize:
   num_layers: int
   d_model: int
   d_ff: int
   num_heads: int
+  d_kv: int = D_KV  # other widths only for imported checkpoints whose head count differs (docs/checkpoints.md)
 
 
 TRANSFORMER_SIZES = {
@@ -53,11 +59,10 @@ TRANSFORMER_SIZES = {
     "large": TransformerSize(num_layers=24, d_model=1024, d_ff=4096, num_heads=16),
     "xlarge": TransformerSize(num_layers=24, d_model=1536, d_ff=4096, num_heads=24),
 }
-D_KV = 64  # per-head width of every size (paper Table 7)
 
 
 def transformer_size(size) -> TransformerSize:
-  """A `TRANSFORMER_SIZES` name or a dict of the four fields -> TransformerSize."""
+  """A `TRANSFORMER_SIZES` name or a dict of the fields (`d_kv` optional) -> TransformerSize."""
   if isinstance(size, str):
     if size not in TRANSFORMER_SIZES:
       raise ValueError(f"unknown size {size!r}; expected one of {sorted(TRANSFORMER_SIZES)} or a dict")
@@ -70,9 +75,9 @@ def _plain(size):
   return size if isinstance(size, str) else {k: int(v) for k, v in dict(size).items()}
 
 
-def _encoder(size: TransformerSize, *, d_kv: int, dropout_rate: float, name: str) -> tx.TransformerEncoder:
+def _encoder(size: TransformerSize, *, dropout_rate: float, name: str) -> tx.TransformerEncoder:
   return tx.TransformerEncoder(num_layers=size.num_layers, d_model=size.d_model, d_ff=size.d_ff,
-                               num_heads=size.num_heads, d_kv=d_kv, dropout_rate=dropout_rate, name=name)
+                               num_heads=size.num_heads, d_kv=size.d_kv, dropout_rate=dropout_rate, name=name)
 
 
 # ------------------------------------------------------------------------------------------------ positions
@@ -115,14 +120,15 @@ def resample_position_table(table: np.ndarray, *, new_size: int) -> np.ndarray:
 
 
 def _table_for(table, size: int):
-  """The variable `table` [n, d] on a grid of `size` entries (float32; re-sampled in graph if size != n)."""
+  """The variable `table` [n, d] on a grid of `size` entries (at least float32; re-sampled in graph if
+  size != n)."""
   if size is None:
     raise ValueError("VATT position tables need a static token grid; got an unknown size")
-  table = tf.cast(table, tf.float32)
+  table = tf.cast(table, tx.wide_dtype(table.dtype))
   if size == table.shape[0]:
     return table
   matrix = cubic_resample_matrix(old_size=table.shape[0], new_size=size)
-  return tf.matmul(tf.constant(matrix, tf.float32), table)
+  return tf.matmul(tf.constant(matrix, table.dtype), table)
 
 
 def _position_initializer(d_model: int):
@@ -160,7 +166,7 @@ class AxisPositionEmbedding(keras.layers.Layer):
     return [getattr(self, name) for name in self.axis_names]
 
   def positions(self, grid):
-    """float32 [prod(grid), d]: LayerNorm of the summed axis tables on `grid`."""
+    """[prod(grid), d] (at least float32): LayerNorm of the summed axis tables on `grid`."""
     total = 0.0
     rank = len(grid)
     for axis, (table, size) in enumerate(zip(self.tables, grid)):
@@ -168,7 +174,7 @@ class AxisPositionEmbedding(keras.layers.Layer):
       shape[axis] = size
       total += tf.reshape(_table_for(table, size), shape)
     flat = tf.reshape(total, [-1, total.shape[-1]])
-    return tf.cast(self.layernorm(flat), tf.float32)
+    return tf.cast(self.layernorm(flat), flat.dtype)
 
   def call(self, tokens, training=None):
     grid = tuple(tokens.shape[1:-1])
@@ -260,8 +266,9 @@ class AggregationToken(keras.layers.Layer):
 
 
 def _pooled(hidden):
-  """Encoder output [B, 1+N, d] -> {'features': [B, d], 'tokens': [B, N, d]}, float32."""
-  hidden = tf.cast(hidden, tf.float32)
+  """Encoder output [B, 1+N, d] -> {'features': [B, d], 'tokens': [B, N, d]}, float32 (float64 for a float64
+  model)."""
+  hidden = tf.cast(hidden, tx.wide_dtype(hidden.dtype))
   return {"features": hidden[:, 0], "tokens": hidden[:, 1:]}
 
 
@@ -276,7 +283,7 @@ class _TokenTransformer(keras.Model):
     self.transformer_size = transformer_size(size)
     self.drop_token = DropToken(keep_rate=keep_rate, per_example=per_example, name="drop_token")
     self.agg_token = AggregationToken(name="agg_token")
-    self.transformer = _encoder(self.transformer_size, d_kv=D_KV, dropout_rate=dropout_rate, name="transformer")
+    self.transformer = _encoder(self.transformer_size, dropout_rate=dropout_rate, name="transformer")
 
   def _encode(self, grid_tokens, training):
     x = self.positions(grid_tokens, training=training)
@@ -406,7 +413,7 @@ class TextTransformer(keras.Model):
     self.agg_token = AggregationToken(name="agg_token")
     self.pre_projection = keras.layers.Dense(s.d_model, use_bias=False, activation=tx.gelu, name="pre_projection")
     self.encoder = tx.T5Encoder(num_layers=s.num_layers, d_model=s.d_model, d_ff=s.d_ff, num_heads=s.num_heads,
-                                d_kv=D_KV, dropout_rate=dropout_rate, num_buckets=num_buckets,
+                                d_kv=s.d_kv, dropout_rate=dropout_rate, num_buckets=num_buckets,
                                 max_distance=max_distance, name="encoder")
 
   def build(self, input_shape):
@@ -470,7 +477,7 @@ class ModalityAgnosticTransformer(keras.Model):
     self.word_embeddings = _word_embeddings(vocab_size=self.vocab_size, embedding_dim=self.embedding_dim)
     self._init_per_modality(s.d_model)
     self.drop_token = DropToken(keep_rate=keep_rate, per_example=per_example, name="drop_token")
-    self.transformer = _encoder(s, d_kv=D_KV, dropout_rate=dropout_rate, name="transformer")
+    self.transformer = _encoder(s, dropout_rate=dropout_rate, name="transformer")
 
   def _init_per_modality(self, d_model):
     grids = {"video": (self.video_buckets, ("temporal", "vertical", "horizontal")),

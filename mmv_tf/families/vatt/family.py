@@ -2,12 +2,12 @@
 docs/families.md).
 
 Model: `model.py`; loss: `losses.py` (the released code's AsymmetricNCE); signatures and the evaluation
-embedder: `signatures.py`; presets: gin/vatt/*.gin (paper) and gin/tiny/vatt.gin (CPU).
+embedder: `signatures.py`; released-checkpoint import: `import_tf.py`; presets: gin/vatt/*.gin (paper) and gin/tiny/vatt.gin (CPU).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 
@@ -56,6 +56,16 @@ def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
       frame_rate=p["fps"], sample_rate=p["sample_rate"])
 
 
+def _import_tf(*, checkpoint: str, num_frames: int = 32, crop_size: Optional[int] = None,
+               overrides: Optional[Mapping[str, Any]] = None, num_heads=None, **unused):
+  """Released VATT TF2 checkpoint -> (loaded VATTModel, one-line summary); ValueError naming every tensor that
+  does not map (docs/checkpoints.md). `crop_size` defaults to the pre-training 224 px."""
+  from mmv_tf.families.vatt import import_tf
+  model, report = import_tf.import_checkpoint(checkpoint=checkpoint, num_frames=num_frames,
+                                              crop_size=crop_size or 224, num_heads=num_heads, overrides=overrides)
+  return model, import_tf.summary(model, report)
+
+
 class VATTFamily(Family):
   name = "vatt"
   # Which space compares two modalities: MMV's rules (S_va for video-audio, S_vat for pairs with text).
@@ -66,6 +76,10 @@ class VATTFamily(Family):
   vocabulary_size_key = "vocab_size"
   gin_dir = "vatt"
   tiny_config = staticmethod(vatt_model.tiny_vatt_config)
+
+  @property
+  def importers(self):
+    return {"vatt-tf": _import_tf}
 
   def complete_config(self, raw):
     return vatt_model.complete_config(dict(raw))

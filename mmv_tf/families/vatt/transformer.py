@@ -15,7 +15,7 @@
   adds the computed bias (together with the padding mask) to the scores of every layer.
 * Masks: `attention_mask` [B, N] is 1 for tokens to attend to; masked keys get -1e9 added to their scores.
   Scores, bias and softmax run in float32 so that mixed precision neither overflows the -1e9 nor loses the
-  softmax's accuracy.
+  softmax's accuracy (in float64 when the model is float64: `wide_dtype`).
 
 Every block is `layer_{i}` below its encoder (explicit attributes rather than a Python list, so the variable paths
 are deterministic and `tf.train.Checkpoint` sees the blocks too); the attention projections are `q`, `k`, `v`, `o`.
@@ -31,14 +31,23 @@ LAYER_NORM_EPSILON = 1e-6
 MASK_VALUE = -1e9
 
 
-def attention_bias_from_mask(mask) -> tf.Tensor:
-  """[B, N] (1 = attend) -> additive float32 bias [B, 1, 1, N] (0 or -1e9) on the attention scores."""
-  mask = tf.cast(mask, tf.float32)
+def wide_dtype(dtype) -> tf.DType:
+  """The type scores, softmax and norms run in: float32 for half precision (and float32), float64 for float64
+  (so that a float64 model, e.g. a parity test against a NumPy reference, is float64 throughout)."""
+  return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def attention_bias_from_mask(mask, dtype=tf.float32) -> tf.Tensor:
+  """[B, N] (1 = attend) -> additive bias [B, 1, 1, N] (0 or -1e9) on the attention scores."""
+  mask = tf.cast(mask, dtype)
   return (1.0 - mask)[:, None, None, :] * MASK_VALUE
 
 
 def gelu(x):
-  return keras.activations.gelu(x, approximate=False)
+  """Exact GELU, 0.5 x (1 + erf(x / sqrt(2))). Written out because tf.nn.gelu converts sqrt(2) to float32 before
+  casting it, an error of 2e-8 that a float64 model (parity tests) would carry; other dtypes get the same ops."""
+  x = tf.convert_to_tensor(x)
+  return 0.5 * x * (1.0 + tf.math.erf(x / tf.constant(math.sqrt(2.0), x.dtype)))
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
@@ -70,11 +79,11 @@ class MultiHeadAttention(keras.layers.Layer):
 
   def call(self, x, bias=None, training=None):
     q, k, v = (self._split_heads(dense(x)) for dense in (self.q, self.k, self.v))
-    scores = tf.cast(tf.einsum("bhqd,bhkd->bhqk", q, k), tf.float32)
+    scores = tf.cast(tf.einsum("bhqd,bhkd->bhqk", q, k), wide_dtype(q.dtype))
     if self.scale_scores:
       scores *= self.d_kv ** -0.5
     if bias is not None:
-      scores += tf.cast(bias, tf.float32)
+      scores += tf.cast(bias, scores.dtype)
     probs = self.dropout(tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype), training=training)
     out = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", probs, v), [0, 2, 1, 3])
     out = tf.reshape(out, [tf.shape(x)[0], -1, self.num_heads * self.d_kv])
@@ -189,7 +198,7 @@ class TransformerEncoder(_Stack):
     self.built = True
 
   def call(self, x, attention_mask=None, training=None):
-    bias = None if attention_mask is None else attention_bias_from_mask(attention_mask)
+    bias = None if attention_mask is None else attention_bias_from_mask(attention_mask, wide_dtype(x.dtype))
     for block in self.blocks:
       x = block(x, bias=bias, training=training)
     return self.dropout(self.layernorm(x), training=training)
@@ -240,11 +249,11 @@ class RelativePositionBias(keras.layers.Layer):
     self.built = True
 
   def call(self, length):
-    """-> float32 bias [1, heads, length, length] for a sequence of `length` tokens."""
+    """-> bias [1, heads, length, length] (float32, float64 for float64 weights) for `length` tokens."""
     positions = tf.range(length)
     buckets = relative_position_bucket(positions[None, :] - positions[:, None], bidirectional=True,
                                        num_buckets=self.num_buckets, max_distance=self.max_distance)
-    bias = tf.gather(tf.cast(self.embeddings, tf.float32), buckets)  # [q, k, heads]
+    bias = tf.gather(tf.cast(self.embeddings, wide_dtype(self.embeddings.dtype)), buckets)  # [q, k, heads]
     return tf.transpose(bias, [2, 0, 1])[None]
 
   def get_config(self):
@@ -254,7 +263,8 @@ class RelativePositionBias(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mmv_tf")
 class RMSNorm(keras.layers.Layer):
-  """T5's layer norm: x / sqrt(mean(x^2) + eps) * scale, no mean subtraction, no offset (float32 inside)."""
+  """T5's layer norm: x / sqrt(mean(x^2) + eps) * scale, no mean subtraction, no offset (at least float32
+  inside)."""
 
   def __init__(self, *, epsilon: float = LAYER_NORM_EPSILON, **kwargs):
     super().__init__(**kwargs)
@@ -265,7 +275,7 @@ class RMSNorm(keras.layers.Layer):
     self.built = True
 
   def call(self, x):
-    x32 = tf.cast(x, tf.float32)
+    x32 = tf.cast(x, wide_dtype(x.dtype))
     x32 *= tf.math.rsqrt(tf.reduce_mean(tf.square(x32), axis=-1, keepdims=True) + self.epsilon)
     return tf.cast(x32, x.dtype) * tf.cast(self.scale, x.dtype)
 
@@ -346,7 +356,7 @@ class T5Encoder(_Stack):
     # computed once from layer 0's parameters and reused by every layer (module docstring)
     bias = self.layer_0.relative_attention_bias(tf.shape(x)[1])
     if attention_mask is not None:
-      bias += attention_bias_from_mask(attention_mask)
+      bias += attention_bias_from_mask(attention_mask, bias.dtype)
     x = self.dropout(x, training=training)
     for block in self.blocks:
       x = block(x, bias=bias, training=training)
