@@ -153,6 +153,37 @@ def test_every_variable_is_checkpointed_even_in_lists_and_dicts(tmp_path, toy):
     checkpointing.restore_every_variable(deeper, path)
 
 
+class DropoutNet(checkpointing.SavesEveryVariable, keras.Model):
+  """Dense layers with Dropout in a list: each Dropout holds a Keras SeedGenerator whose variable Keras
+  names by a process-wide counter."""
+
+  def __init__(self):
+    super().__init__(name="dropout_net")
+    self.blocks = [(keras.layers.Dense(4, name=f"dense_{i}"), keras.layers.Dropout(0.5, name=f"drop_{i}"))
+                   for i in range(2)]
+
+  def call(self, x, training=False):
+    for dense, drop in self.blocks:
+      x = drop(dense(x), training=training)
+    return x
+
+
+def test_seed_states_are_keyed_by_layer_so_a_second_build_in_one_process_restores(tmp_path):
+  first = DropoutNet()
+  first(tf.zeros([1, 3]))
+  first(tf.ones([2, 3]), training=True)  # advances the seed states
+  path = tf.train.Checkpoint(model=first).write(str(tmp_path / "ckpt"))
+  second = DropoutNet()
+  second(tf.zeros([1, 3]))
+  seed_paths = sorted(v.path for v in second.variables if v.path.endswith("seed_generator_state"))
+  assert seed_paths and seed_paths != sorted(v.path for v in first.variables if v.path.endswith("_state"))
+  checkpointing.restore_every_variable(second, path)
+  for a, b in zip(first.variables, second.variables):  # weights and the seed states (dropout resumes exactly)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  keys = sorted(checkpointing.variables_by_key(second))
+  assert "dropout_net/drop_0/seed_generator_0/seed_generator_state" in keys, keys
+
+
 def test_model_dir_records_the_family(tmp_path, toy):
   model_dir = str(tmp_path / "m")
   families.save_config(model_dir, family=toy, config={"dim": 3})

@@ -377,17 +377,14 @@ def test_cli_imports_and_exports(tmp_path, capsys, ckpt, imported):
     np.testing.assert_allclose(got_a[k].numpy(), want_a[k].numpy(), rtol=1e-5, atol=1e-5)
   for k in ("before_head", "vat"):
     np.testing.assert_allclose(got_t[k].numpy(), want_t[k].numpy(), rtol=1e-5, atol=1e-5)
-  # the model dir holds the inferred config (incl. d_kv) and every imported weight. (Not `model_dir.restore` in
-  # this process: Keras numbers the dropout layers' seed-generator variables per process, so a second VATT model
-  # built here has other variable paths than the one the CLI saved.)
+  # the model dir holds the inferred config (incl. d_kv) and every imported weight: a second model built in
+  # this process restores it (its dropout seed states have other Keras paths; models/checkpointing.py).
   from mmv_tf.families import model_dir
-  from mmv_tf.models import checkpointing
   _, config = model_dir.load_config(str(tmp_path / "model"))
   assert config == model.get_config()
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "model")))
-  for var in import_tf.model_weights(model):
-    np.testing.assert_array_equal(reader.get_tensor(checkpointing.variable_checkpoint_key(var, prefix="model")),
-                                  var.numpy(), err_msg=var.path)
+  _, _, restored = model_dir.restore(str(tmp_path / "model"))
+  for want, got in zip(import_tf.model_weights(model), import_tf.model_weights(restored)):
+    np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=want.path)
 
 
 def test_cli_rejects_a_mismatch(tmp_path, capsys, ckpt):

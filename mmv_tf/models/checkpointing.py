@@ -10,10 +10,16 @@ by the variable's Keras path (deterministic when every layer is named explicitly
 
 `restore_every_variable` refuses a checkpoint that lacks any of the model's variables (a config that
 does not match the checkpoint fails loudly instead of leaving random weights).
+
+Random-seed states (a Dropout's `SeedGenerator`) are the exception to "keyed by the Keras path": Keras names
+them by a process-wide counter (`seed_generator_46/seed_generator_state`), so the same model built twice in
+one process would get other keys. They are keyed by their layer's place in the model instead
+(`<model>/<layer>/.../<layer>/seed_generator_<i>/seed_generator_state`), and a checkpoint without them (written before
+they were keyed this way) restores the weights and keeps the fresh seed states.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import tensorflow as tf
 
@@ -35,6 +41,41 @@ def variable_checkpoint_key(variable, *, prefix: str) -> str:
   return f"{prefix}/{VIEW_NAME}/{escaped(checkpoint_key(variable))}/.ATTRIBUTES/VARIABLE_VALUE"
 
 
+def _seed_state_keys(model) -> Dict[int, str]:
+  """{id(seed state variable): key by the owning layer's place in the model} (module docstring).
+
+  The place is the chain of layer names from the model down (`Layer.path` is unset for layers without
+  weights, such as Dropout); a repeated key (two sibling layers of one name) gets a suffix in traversal
+  order, which is deterministic for a given model class and config.
+  """
+  keys: Dict[int, str] = {}
+  used = set()
+
+  def visit(layer, place: str) -> None:
+    for i, generator in enumerate(getattr(layer, "_seed_generators", ())):
+      key, n = f"{place}/seed_generator_{i}/seed_generator_state", 1
+      while key in used:
+        key, n = f"{place}/seed_generator_{i}_{n}/seed_generator_state", n + 1
+      if id(generator.state) not in keys:
+        keys[id(generator.state)] = key
+        used.add(key)
+    for child in layer._flatten_layers(include_self=False, recursive=False):  # pylint: disable=protected-access
+      visit(child, f"{place}/{child.name}")
+
+  visit(model, model.name)
+  return keys
+
+
+def variables_by_key(model) -> Dict[str, tf.Variable]:
+  """Every variable of `model` by its object name under `variables_by_path/`."""
+  seed_keys = _seed_state_keys(model)
+  return {seed_keys.get(id(v), checkpoint_key(v)): v for v in model.variables}
+
+
+def _is_seed_state(key: str) -> bool:
+  return key.endswith("/seed_generator_state")
+
+
 class VariablesByPath(tf.__internal__.tracking.Trackable):
   """Checkpoint view of a Keras model (or layer): one child per variable, keyed by its path."""
 
@@ -42,7 +83,7 @@ class VariablesByPath(tf.__internal__.tracking.Trackable):
     self._model = model  # a plain Trackable: attributes are not dependencies
 
   def _trackable_children(self, save_type="checkpoint", **kwargs):
-    return {checkpoint_key(v): v for v in self._model.variables}
+    return variables_by_key(self._model)
 
 
 class SavesEveryVariable:
@@ -59,10 +100,16 @@ class SavesEveryVariable:
     return children
 
 
+def _missing(model, stored, key_prefix: str) -> List[str]:
+  """Keys of `model`'s variables (seed states excepted) that `stored` lacks under `key_prefix`."""
+  return [key for key in variables_by_key(model)
+          if not _is_seed_state(key) and f"{key_prefix}/{escaped(key)}/.ATTRIBUTES/VARIABLE_VALUE" not in stored]
+
+
 def missing_variables(model, path: str, *, prefix: str) -> List[str]:
-  """Paths of `model`'s variables that the checkpoint at `path` does not hold under `prefix`."""
+  """Keys of `model`'s variables that the checkpoint at `path` does not hold under `prefix`."""
   stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-  return [v.path for v in model.variables if variable_checkpoint_key(v, prefix=prefix) not in stored]
+  return _missing(model, stored, f"{prefix}/{VIEW_NAME}")
 
 
 def restore_every_variable(model, path: str, *, prefix: str = "model", what: str = "the model") -> None:
@@ -83,8 +130,7 @@ def write_every_variable(model, prefix_path: str) -> str:
 def restore_written_variables(model, prefix_path: str, *, what: str) -> None:
   """Reads what `write_every_variable` wrote into `model` (every variable must be there)."""
   stored = tf.train.load_checkpoint(prefix_path).get_variable_to_shape_map()
-  missing = [v.path for v in model.variables
-             if f"variables/{escaped(checkpoint_key(v))}/.ATTRIBUTES/VARIABLE_VALUE" not in stored]
+  missing = _missing(model, stored, "variables")
   if missing:
     raise ValueError(f"{prefix_path} does not match {what}: missing {missing[:5]}")
   tf.train.Checkpoint(variables=VariablesByPath(model)).restore(prefix_path).expect_partial()
