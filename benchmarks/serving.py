@@ -217,7 +217,8 @@ def main(argv=None) -> int:
 
   import tensorflow as tf
   import tensorflow_text  # noqa: F401
-  from mmv_tf.serving import batching, server, testing
+  from mmv_tf.serving import batching, server
+  from tests import serving_fixture as testing  # the tiny export the serving tests use
 
   base = args.model_base_path
   if base is None:

@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from tests import precision as bounds
 from mmv_tf import cli, precision
-from mmv_tf.serving import client as client_lib, export, ops_allowlist, server, testing
+from mmv_tf.serving import client as client_lib, export, ops_allowlist, server
+from tests import serving_fixture as testing
 
 POLICY = "mixed_bfloat16"
 INPUTS = {  # signature -> (input key, example batch of 2)

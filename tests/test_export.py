@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from mmv_tf.families.mmv import signatures as mmv_signatures
-from mmv_tf.serving import export, ops_allowlist, signatures, testing, warmup
+from mmv_tf.serving import export, ops_allowlist, signatures, warmup
+from tests import serving_fixture as testing
 
 SIGNATURES = ["video", "audio", "text", "image", "image_bytes", "audio_spectrogram", "text_ids"]
 
@@ -214,10 +215,11 @@ def test_versions_are_never_overwritten(tiny, tmp_path):
 _KILLED_EXPORT = """
 import sys
 from mmv_tf.families.mmv import model as mmv
-from mmv_tf.serving import export, testing
+from mmv_tf.serving import export
 import time
 import tensorflow as tf
-model = mmv.build_mmv_model(**mmv.tiny_mmv_config(len(testing.VOCABULARY)))
+VOCABULARY = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]
+model = mmv.build_mmv_model(**mmv.tiny_mmv_config(len(VOCABULARY)))
 print("exporting", flush=True)
 # The worst moment to die: everything written, the rename into BASE/<N> not done. Block there so the
 # kill cannot race a fast export (a fixed sleep in the parent did, once the export got faster).
@@ -228,7 +230,7 @@ def _stall_before_rename(src, dst, *args, **kwargs):
     time.sleep(3600)
   return _rename(src, dst, *args, **kwargs)
 tf.io.gfile.rename = _stall_before_rename
-export.export_saved_model(model=model, export_base=sys.argv[1], vocabulary=testing.VOCABULARY)
+export.export_saved_model(model=model, export_base=sys.argv[1], vocabulary=VOCABULARY)
 """
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mmv_tf.serving import batching, client as client_lib, server, testing
+from mmv_tf.serving import batching, client as client_lib, server
+from tests import serving_fixture as testing
 
 
 @pytest.fixture(scope="module")
