@@ -43,7 +43,7 @@ def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
       frame_rate=p["fps"], sample_rate=p["sample_rate"])
 
 
-def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_size: int = 200,
+def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_size: Optional[int] = None,
                   overrides: Optional[Mapping[str, Any]] = None, **unused):
   """Released MMV Haiku pickle -> (loaded MMVModel, one-line summary); ValueError naming every tensor that
   does not map (docs/checkpoints.md)."""
@@ -51,7 +51,8 @@ def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_s
   if variant is None:
     raise ValueError("--variant is required for mmv-haiku checkpoints (s3d, tsm-resnet50, tsm-resnet50x2)")
   model, report = import_haiku.import_checkpoint(variant=variant, checkpoint=checkpoint, num_frames=num_frames,
-                                                 crop_size=crop_size, overrides=overrides)
+                                                 crop_size=200 if crop_size is None else crop_size,
+                                                 overrides=overrides)
   return model, import_haiku.summary(model, report)
 
 
