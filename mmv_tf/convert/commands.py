@@ -9,11 +9,7 @@ The released MMV Haiku pickles:
 Signatures: `video`, `audio_spectrogram` (log-mel [B,F,80,1]), `text_ids` (word ids [B,16]); `text` (strings) only
 with `--vocab`, because the released 65536-word vocabulary is not public (its line i must be the word of row i of
 the checkpoint's embedding table); `audio` (raw waveform, log-mel in-graph with the DMVR recipe, which is not
-verified for MMV). The released BraVe .npy files (the variant is read from the checkpoint):
-
-  mmv-tf import-checkpoint --format brave --checkpoint 29466668_1_0.npy --export_dir /models/brave [--num_frames 32]
-
-See docs/checkpoints.md.
+verified for MMV). See docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -27,14 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--format", default="mmv-haiku", choices=sorted(_importers()), help="checkpoint format")
   parser.add_argument("--variant", default=None, choices=["s3d", "tsm-resnet50", "tsm-resnet50x2"],
                       help="mmv-haiku: which released model the pickle holds")
-  parser.add_argument("--checkpoint", required=True, help="the checkpoint file (mmv-haiku: the .pkl file; brave: the .npy file)")
+  parser.add_argument("--checkpoint", required=True, help="the checkpoint file (mmv-haiku: the .pkl file)")
   parser.add_argument("--export_dir", required=True, help="export base; the SavedModel goes to BASE/<version>")
   parser.add_argument("--version", type=int, default=None, help="export version (default: next free)")
   parser.add_argument("--num_frames", type=int, default=32,
                       help="frames per clip of the exported video signature (static for S3D/TSM)")
   parser.add_argument("--crop_size", type=int, default=None,
-                      help="recommended frame size (metadata, warmup); default: the format's (mmv-haiku 200, "
-                      "brave the checkpoint's narrow image size, 224)")
+                      help="frame size of the exported video signature (default: the family's pre-training size, "
+                      "mmv-haiku 200, vatt-tf 224)")
   parser.add_argument("--vocab", default=None,
                       help="vocabulary file, line i = word of embedding row i; adds the `text` signature")
   parser.add_argument("--model_dir", default=None,

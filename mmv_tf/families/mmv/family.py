@@ -51,8 +51,7 @@ def _import_haiku(*, checkpoint: str, variant: str, num_frames: int = 32, crop_s
   if variant is None:
     raise ValueError("--variant is required for mmv-haiku checkpoints (s3d, tsm-resnet50, tsm-resnet50x2)")
   model, report = import_haiku.import_checkpoint(variant=variant, checkpoint=checkpoint, num_frames=num_frames,
-                                                 crop_size=200 if crop_size is None else crop_size,
-                                                 overrides=overrides)
+                                                 crop_size=crop_size or 200, overrides=overrides)
   return model, import_haiku.summary(model, report)
 
 
