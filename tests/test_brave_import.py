@@ -122,13 +122,26 @@ def assert_every_weight(model, params, state):
     np.testing.assert_array_equal(var.numpy(), sources[path].reshape(var.shape), err_msg=path)
 
 
-@pytest.fixture(scope="module", params=["audio", "video"])
-def imported(request, tmp_path_factory):
-  broad = request.param
-  params, state = synthesize(broad, seed=1 if broad == "audio" else 2)
-  path = write_npy(tmp_path_factory.mktemp(broad) / f"brave_{broad}.npy", params, state, released_config(broad))
-  model, report = import_npy.import_checkpoint(checkpoint=path, num_frames=NUM_FRAMES, crop_size=CROP)
-  return broad, path, params, state, model, report
+@pytest.fixture(scope="module")
+def importer(tmp_path_factory):
+  """broad -> (broad, .npy path, params, state, imported model, report), each imported once per module."""
+  cache = {}
+
+  def get(broad):
+    if broad not in cache:
+      params, state = synthesize(broad, seed=1 if broad == "audio" else 2)
+      path = write_npy(tmp_path_factory.mktemp(broad) / f"brave_{broad}.npy", params, state,
+                       released_config(broad))
+      model, report = import_npy.import_checkpoint(checkpoint=path, num_frames=NUM_FRAMES, crop_size=CROP)
+      cache[broad] = broad, path, params, state, model, report
+    return cache[broad]
+
+  return get
+
+
+@pytest.fixture(params=["audio", "video"])
+def imported(request, importer):
+  return importer(request.param)
 
 
 def test_mapping_names_are_the_reference_names(imported):
@@ -246,8 +259,9 @@ def test_unreadable_file_names_the_path(tmp_path):
     import_npy.load_npy(path)
 
 
-def test_cli_imports_and_exports(tmp_path, capsys, imported):
-  broad, path, _, _, model, _ = imported
+@pytest.mark.parametrize("broad", ["audio", pytest.param("video", marks=pytest.mark.slow)])  # ~25 s per export
+def test_cli_imports_and_exports(tmp_path, capsys, importer, broad):
+  _, path, _, _, model, _ = importer(broad)
   base = str(tmp_path / "export")
   assert cli.main(["import-checkpoint", "--format", "brave", "--checkpoint", path, "--export_dir", base,
                    "--num_frames", str(NUM_FRAMES), "--crop_size", str(CROP), "--no_warmup"]) == 0
