@@ -190,7 +190,8 @@ class PreActBottleneck(keras.layers.Layer):
             "shift_fraction": self.shift_fraction}
 
 
-# MMV's BN modules are `__cross_replica_batch_norm*`; plain `hk.BatchNorm` modules are `batch_norm*` (prefix "").
+# Haiku's cross-replica BN modules are named `__cross_replica_batch_norm*`; plain `hk.BatchNorm` ones `batch_norm*`
+# (prefix "").
 CROSS_REPLICA_BN_PREFIX = "__cross_replica_"
 
 

@@ -24,7 +24,8 @@ Heads: `vid2audio_embd`, `vis_embd`, `audio_embd`, `txt_embd`, `audio2txt_embd`,
 are unused by FAC at inference but kept so that the mapping is 1:1). Kernels need no transposition (HWIO/DHWIO and
 [in,out] are Keras' layouts; the text conv stays (1,300,2048)). The pickle's top-level prefix and the heads' scope
 (`~_get_pair_embedding_heads` under dm-haiku 0.0.12) are read from the pickle itself, so an older Haiku's scope
-string still maps. BN state entries `hidden` and `counter` are the only tensors deliberately not loaded.
+string still maps. BN state entries `hidden` and `counter` are the only tensors deliberately not loaded. The
+all-or-nothing loader and the pytree helpers are shared with the other Haiku importers (`mmv_tf/convert/haiku.py`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from mmv_tf.convert import haiku
-from mmv_tf.convert.haiku import CheckpointMismatchError, flatten, unflatten  # noqa: F401 (this module's API)
 
 VARIANTS = {  # --variant -> MMV video backbone
     "s3d": "s3d",
@@ -45,6 +45,8 @@ VARIANTS = {  # --variant -> MMV video backbone
 }
 PREFIX = "text_audio_video"
 HEADS_SCOPE = "~_get_pair_embedding_heads"
+# This module's API since before the loader was shared.
+CheckpointMismatchError, flatten, unflatten = haiku.CheckpointMismatchError, haiku.flatten, haiku.unflatten
 
 
 def load_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -119,7 +119,8 @@ class TSMResNet(keras.Model):
   def haiku_variable_map(self, *, bn_prefix: str = mmv_layers.CROSS_REPLICA_BN_PREFIX) -> dict[str, keras.Variable]:
     """{'TSMResNetV2/tsm_resnet_unit_0/block_0/conv_0/w': variable, ...}; prefix `.../visual_module/~/` (MMV).
 
-    `bn_prefix`: how the checkpoint spells its BN modules (MMV `__cross_replica_batch_norm`, BraVe `batch_norm`).
+    `bn_prefix`: how the checkpoint names its BN modules: `__cross_replica_batch_norm*` (Haiku's cross-replica BN,
+    the default) or `batch_norm*` (plain `hk.BatchNorm`: prefix "").
     """
 
     def module_path(parts):
