@@ -15,6 +15,10 @@ from the checkpoint; heads default to d_model/64):
   mmv-tf import-checkpoint --format vatt-tf --checkpoint DIR/ckpt-500000 --export_dir /models/vatt \
       [--num_heads video=12,audio=12] [--num_frames 32] [--crop_size 224]
 
+The released BraVe numpy dicts (the variant, broad audio or video and the TSM width, is read from the file):
+
+  mmv-tf import-checkpoint --format brave --checkpoint 29466668_1_0.npy --export_dir /models/brave
+
 See docs/checkpoints.md.
 """
 from __future__ import annotations
@@ -30,14 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--variant", default=None, choices=["s3d", "tsm-resnet50", "tsm-resnet50x2"],
                       help="mmv-haiku: which released model the pickle holds")
   parser.add_argument("--checkpoint", required=True,
-                      help="the checkpoint (mmv-haiku: the .pkl file; vatt-tf: the prefix DIR/ckpt-N or DIR)")
+                      help="the checkpoint (mmv-haiku: the .pkl file; vatt-tf: the prefix DIR/ckpt-N or DIR; "
+                      "brave: the .npy file)")
   parser.add_argument("--export_dir", required=True, help="export base; the SavedModel goes to BASE/<version>")
   parser.add_argument("--version", type=int, default=None, help="export version (default: next free)")
   parser.add_argument("--num_frames", type=int, default=32,
                       help="frames per clip of the exported video signature (static for S3D/TSM)")
   parser.add_argument("--crop_size", type=int, default=None,
                       help="frame size of the exported video signature (default: the family's pre-training size, "
-                      "mmv-haiku 200, vatt-tf 224)")
+                      "mmv-haiku 200, vatt-tf 224, brave: the checkpoint's image_size_narrow, 224)")
   parser.add_argument("--vocab", default=None,
                       help="vocabulary file, line i = word of embedding row i; adds the `text` signature")
   parser.add_argument("--model_dir", default=None,

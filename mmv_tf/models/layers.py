@@ -222,9 +222,14 @@ class PreActBottleneck(keras.layers.Layer):
             "shift_fraction": self.shift_fraction}
 
 
-def haiku_bn_names(layer_name: str) -> str:
+# Haiku's cross-replica BN modules are named `__cross_replica_batch_norm*`; plain `hk.BatchNorm` ones `batch_norm*`
+# (prefix "").
+CROSS_REPLICA_BN_PREFIX = "__cross_replica_"
+
+
+def haiku_bn_names(layer_name: str, *, prefix: str = CROSS_REPLICA_BN_PREFIX) -> str:
   """Keras BN sublayer name -> Haiku module name (`batch_norm_1` -> `__cross_replica_batch_norm_1`)."""
-  return "__cross_replica_" + layer_name
+  return prefix + layer_name
 
 
 # Keras variable name -> Haiku (module suffix, parameter name). BN moving statistics map to the zero-debiased

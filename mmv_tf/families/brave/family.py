@@ -11,6 +11,7 @@ gin/brave/*.gin (paper) and gin/tiny/brave_*.gin (CPU).
 | optimiser | LARS from the gin files; the family adds the predictor's gradient scale x10 (`heads.BRAVE_GRADIENT_SCALES`) |
 | evaluation | `BraveEmbedder`: the narrow tower for video (the probe uses `before_head`), the broad audio tower on waveforms |
 | embedding spaces | video <-> audio: `projection` (see `BraveFamily.embedding_spaces`) |
+| released checkpoints | `mmv-tf import-checkpoint --format brave` (`import_npy.py`; docs/checkpoints.md) |
 """
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ class BraveEmbedder(features.ModelEmbedder):
     self.preprocessing = {k: pre[k] for k in ("num_frames", "stride", "crop_size", "min_resize", "sample_rate")}
 
 
+def _import_npy(*, checkpoint: str, num_frames: int = 32, crop_size: Optional[int] = None,
+                overrides: Optional[Dict[str, Any]] = None, **unused):
+  """Released BraVe .npy -> (loaded BraveModel, one-line summary); the variant (broad audio or video, TSM width)
+  is read from the checkpoint; ValueError naming every tensor that does not map (docs/checkpoints.md)."""
+  from mmv_tf.families.brave import import_npy
+  if unused.get("variant"):
+    raise ValueError("--variant is for mmv-haiku; brave checkpoints state their variant (broad view, TSM width)")
+  model, report = import_npy.import_checkpoint(checkpoint=checkpoint, num_frames=num_frames, crop_size=crop_size,
+                                               overrides=overrides)
+  return model, import_npy.summary(model, report)
+
+
 class BraveFamily(Family):
   name = "brave"
   # BraVe trains prediction(one view) against projection(other view); the interface names one output per
@@ -60,6 +73,10 @@ class BraveFamily(Family):
   vocabulary_size_key = None
   gin_dir = "brave"
   tiny_config = staticmethod(brave_model.tiny_brave_config)
+
+  @property
+  def importers(self):
+    return {"brave": _import_npy}
 
   def complete_config(self, raw):
     return brave_model.complete_config(dict(raw))

@@ -24,7 +24,8 @@ Heads: `vid2audio_embd`, `vis_embd`, `audio_embd`, `txt_embd`, `audio2txt_embd`,
 are unused by FAC at inference but kept so that the mapping is 1:1). Kernels need no transposition (HWIO/DHWIO and
 [in,out] are Keras' layouts; the text conv stays (1,300,2048)). The pickle's top-level prefix and the heads' scope
 (`~_get_pair_embedding_heads` under dm-haiku 0.0.12) are read from the pickle itself, so an older Haiku's scope
-string still maps. BN state entries `hidden` and `counter` are the only tensors deliberately not loaded.
+string still maps. BN state entries `hidden` and `counter` are the only tensors deliberately not loaded. The
+all-or-nothing loader and the pytree helpers are shared with the other Haiku importers (`mmv_tf/convert/haiku.py`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mmv_tf.convert import haiku
+
 VARIANTS = {  # --variant -> MMV video backbone
     "s3d": "s3d",
     "tsm-resnet50": "tsm_resnet50",
@@ -42,27 +45,8 @@ VARIANTS = {  # --variant -> MMV video backbone
 }
 PREFIX = "text_audio_video"
 HEADS_SCOPE = "~_get_pair_embedding_heads"
-IGNORED_STATE = ("hidden", "counter")  # raw EMA accumulator and update count: not inference state
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not map 1:1 onto the Keras model; the message lists every offending tensor."""
-
-
-def _to_numpy(x) -> np.ndarray:
-  return np.asarray(x)  # numpy or jax arrays
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Haiku `{module: {name: array}}` (or already flat `{path: array}`) -> `{'module/name': ndarray}`."""
-  out = {}
-  for module, value in tree.items():
-    if isinstance(value, Mapping):
-      for name, array in flatten(value).items():
-        out[f"{module}/{name}"] = array
-    else:
-      out[str(module)] = _to_numpy(value)
-  return out
+# This module's API since before the loader was shared.
+CheckpointMismatchError, flatten, unflatten = haiku.CheckpointMismatchError, haiku.flatten, haiku.unflatten
 
 
 def load_pickle(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -137,33 +121,15 @@ def haiku_variable_map(model, *, prefix: str = PREFIX, heads_scope: Optional[str
   """{'<full Haiku path>/<param>': keras variable} for every variable of a built `MMVModel`."""
   heads_scope = heads_scope or f"{prefix}/{HEADS_SCOPE}"
   out = {}
-
-  def add(mapping, scope):
-    for key, var in mapping.items():
-      full = f"{scope}/{key}"
-      if full in out:
-        raise CheckpointMismatchError(f"two Keras variables map to {full}")
-      out[full] = var
-
-  add(model.video_backbone.haiku_variable_map(), f"{prefix}/visual_module/~")
-  add(model.audio_backbone.haiku_variable_map(), f"{prefix}/audio_module/~")
-  add(model.text_backbone.haiku_variable_map(), f"{prefix}/text_module/~")
+  haiku.add_scoped(out, model.video_backbone.haiku_variable_map(), f"{prefix}/visual_module/~")
+  haiku.add_scoped(out, model.audio_backbone.haiku_variable_map(), f"{prefix}/audio_module/~")
+  haiku.add_scoped(out, model.text_backbone.haiku_variable_map(), f"{prefix}/text_module/~")
   for name, head in model.heads.items():
-    add(head.haiku_variable_map(), f"{heads_scope}/{name}")
+    haiku.add_scoped(out, head.haiku_variable_map(), f"{heads_scope}/{name}")
   n_vars = len(model.variables)
   if len(out) != n_vars:
     raise CheckpointMismatchError(f"the mapping covers {len(out)} of the model's {n_vars} variables")
   return out
-
-
-def _fit(value: np.ndarray, shape: tuple[int, ...], key: str) -> Optional[np.ndarray]:
-  """value reshaped to `shape` if only broadcast axes of size 1 differ (BN (1,..,C) -> (C,)), else None."""
-  if value.shape == shape:
-    return value
-  is_bn = key.rsplit("/", 1)[-1] in ("scale", "offset", "average")
-  if is_bn and value.size == int(np.prod(shape)) and [d for d in value.shape if d != 1] == [d for d in shape if d != 1]:
-    return value.reshape(shape)
-  return None
 
 
 def load_haiku_weights(model, *, params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray],
@@ -172,49 +138,11 @@ def load_haiku_weights(model, *, params: Mapping[str, np.ndarray], state: Mappin
 
   Raises `CheckpointMismatchError` listing every Keras variable without a source, every checkpoint tensor
   without a destination (except the EMA `hidden`/`counter` entries) and every shape mismatch. Nothing is
-  assigned unless the whole mapping is valid.
+  assigned unless the whole mapping is valid (`mmv_tf.convert.haiku.assign_haiku_weights`).
   """
-  params = {k: _to_numpy(v) for k, v in params.items()}
-  state = {k: _to_numpy(v) for k, v in state.items()}
   prefix, heads_scope = checkpoint_scopes(params)
   mapping = haiku_variable_map(model, prefix=prefix, heads_scope=heads_scope)
-  sources = dict(params)
-  ignored = []
-  for key, value in state.items():
-    if key.rsplit("/", 1)[-1] in IGNORED_STATE:
-      ignored.append(key)
-    elif key in sources:
-      raise CheckpointMismatchError(f"{key} is both a parameter and a state entry")
-    else:
-      sources[key] = value
-
-  missing, mis_shaped, assignments = [], [], []
-  for key, var in mapping.items():
-    if key not in sources:
-      missing.append(f"{key}  <- needed by Keras {var.path} {tuple(var.shape)}")
-      continue
-    value = _fit(sources[key], tuple(var.shape), key)
-    if value is None:
-      mis_shaped.append(f"{key}: checkpoint {sources[key].shape} vs Keras {var.path} {tuple(var.shape)}")
-      continue
-    if not np.all(np.isfinite(value)):
-      mis_shaped.append(f"{key}: non-finite values")
-      continue
-    assignments.append((var, value))
-  unmapped = sorted(set(sources) - set(mapping))
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} Keras variables have no checkpoint tensor:\n  " + "\n  ".join(sorted(missing)))
-  if unmapped and strict:
-    problems.append(f"{len(unmapped)} checkpoint tensors are not mapped:\n  " + "\n  ".join(
-        f"{k} {sources[k].shape}" for k in unmapped))
-  if mis_shaped:
-    problems.append(f"{len(mis_shaped)} tensors have the wrong shape:\n  " + "\n  ".join(sorted(mis_shaped)))
-  if problems:
-    raise CheckpointMismatchError("checkpoint does not match the model:\n" + "\n".join(problems))
-  for var, value in assignments:
-    var.assign(value.astype(var.dtype))
-  return {"loaded": len(assignments), "ignored_state": sorted(ignored), "unmapped": unmapped}
+  return haiku.assign_haiku_weights(mapping, params=params, state=state, strict=strict)
 
 
 def import_checkpoint(*, variant: str, checkpoint: str, num_frames: int = 32, crop_size: int = 200,
@@ -237,15 +165,6 @@ def parse_reference_param_list(text: str) -> tuple[dict[str, tuple], dict[str, t
     shape = tuple(int(d) for d in m.group(3).replace(" ", "").split(",") if d)
     (params if m.group(1) == "P" else state)[m.group(2)] = shape
   return params, state
-
-
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-  """`{'module/name': x}` -> Haiku's `{module: {name: x}}` (for writing test checkpoints)."""
-  out: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in flat.items():
-    module, name = key.rsplit("/", 1)
-    out.setdefault(module, {})[name] = value
-  return out
 
 
 def summary(model, report: Mapping[str, Any]) -> str:

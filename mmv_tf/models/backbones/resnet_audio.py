@@ -98,17 +98,19 @@ class AudioResNet(keras.Model):
     return {"name": self.name, "trainable": self.trainable, "width_multiplier": self.width_multiplier,
             "blocks": self.blocks}
 
-  def haiku_variable_map(self) -> dict[str, keras.Variable]:
-    """{'res_net_v2/~/block_group_0/block_0/~/conv_0/w': variable, ...}; prefix `.../audio_module/~/`."""
+  def haiku_variable_map(self, *, bn_prefix: str = mmv_layers.CROSS_REPLICA_BN_PREFIX) -> dict[str, keras.Variable]:
+    """{'res_net_v2/~/block_group_0/block_0/~/conv_0/w': variable, ...}; prefix `.../audio_module/~/` (MMV).
+
+    `bn_prefix`: how the checkpoint names its BN modules: `__cross_replica_batch_norm*` (Haiku's cross-replica BN,
+    the default) or `batch_norm*` (plain `hk.BatchNorm`: prefix "").
+    """
 
     def module_path(parts):
       *scope, layer = parts
-      if layer.startswith("batch_norm"):
-        layer = mmv_layers.haiku_bn_names(layer)
-      elif scope:  # convs inside a block sit under `~`
+      if layer.startswith("batch_norm"):  # BN modules are created at call time: no `~`
+        layer = mmv_layers.haiku_bn_names(layer, prefix=bn_prefix)
+      else:  # convs (initial_conv, and those inside a block) are created in `__init__`: under `~`
         layer = "~/" + layer
-      if not scope and not layer.startswith("__"):
-        layer = "~/" + layer  # initial_conv
       scope = ["~/" + scope[0], *scope[1:]] if scope else []
       return "/".join(["res_net_v2", *scope, layer])
 

@@ -116,13 +116,17 @@ class TSMResNet(keras.Model):
             "width_multiplier": self.width_multiplier, "blocks": self.blocks,
             "shift_fraction": self.shift_fraction, "deflated": self.deflated}
 
-  def haiku_variable_map(self) -> dict[str, keras.Variable]:
-    """{'TSMResNetV2/tsm_resnet_unit_0/block_0/conv_0/w': variable, ...}; prefix `.../visual_module/~/`."""
+  def haiku_variable_map(self, *, bn_prefix: str = mmv_layers.CROSS_REPLICA_BN_PREFIX) -> dict[str, keras.Variable]:
+    """{'TSMResNetV2/tsm_resnet_unit_0/block_0/conv_0/w': variable, ...}; prefix `.../visual_module/~/` (MMV).
+
+    `bn_prefix`: how the checkpoint names its BN modules: `__cross_replica_batch_norm*` (Haiku's cross-replica BN,
+    the default) or `batch_norm*` (plain `hk.BatchNorm`: prefix "").
+    """
 
     def module_path(parts):
       *scope, layer = parts
       if layer.startswith("batch_norm"):
-        layer = mmv_layers.haiku_bn_names(layer)
+        layer = mmv_layers.haiku_bn_names(layer, prefix=bn_prefix)
       return "/".join(["TSMResNetV2", *scope, layer])
 
     return mmv_layers.haiku_variable_map(self, module_path)
