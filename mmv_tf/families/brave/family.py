@@ -15,7 +15,7 @@ gin/brave/*.gin (paper) and gin/tiny/brave_*.gin (CPU).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
