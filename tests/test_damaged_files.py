@@ -79,7 +79,11 @@ def check_named(shards):
   assert faults[shards["empty"]].offset is None and not faults[shards["empty"]].is_fault
   assert "empty file" in faults[shards["empty"]].reason
   assert "unreadable TFRecord data" in faults[shards["trunc"]].reason
-  assert str(faults[shards["trunc"]]).endswith(f"at byte {shards['trunc_at']}")
+  assert [faults[shards[k]].records_before for k in ("trunc", "lenflip", "garbage")] == [2, 1, 0]
+  assert str(faults[shards["trunc"]]) == (f"{shards['trunc']}: unreadable TFRecord data from here on "
+                                          f"(truncated or corrupted record) at byte {shards['trunc_at']} "
+                                          "(after 2 readable records)")
+  assert str(faults[shards["empty"]]) == f"{shards['empty']}: empty file (no records)"
 
 
 def test_eval_yields_exactly_the_readable_records_in_file_order(shards):
