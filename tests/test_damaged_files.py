@@ -8,6 +8,7 @@ d-lenflip 20-22 with a flipped byte in the length of record 21, e-garbage, f-emp
 from __future__ import annotations
 
 import collections
+import html
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ import tensorflow as tf
 from mmv_tf.data import features as F
 from mmv_tf.data import pipeline
 from mmv_tf.data import tfrecord_reading
+from mmv_tf.evaluation import report, runner
 from mmv_tf.training import trainer
 from test_pipeline import SMALL, VOCAB, eval_batches, make_clip, write_shard
 
@@ -92,6 +94,14 @@ def test_eval_yields_exactly_the_readable_records_in_file_order(shards):
   labels = np.concatenate([b[F.LABEL] for b in eval_batches(ds)])
   np.testing.assert_array_equal(labels, READABLE)
   check_named(shards)
+  # Evaluation's metrics.json `data` and report.html name them in the same wording.
+  data = runner.data_faults([os.path.join(shards["dir"], "*.tfrecord")], skipped_records=0)
+  faults = faults_by_path()
+  assert data["damaged_files"] == [str(faults[shards[k]]) for k in ("trunc", "lenflip", "garbage")]
+  assert data["empty_files"] == [shards["empty"]] and len(data["file_faults"]) == 4
+  page = report.render_html(title="t", results={"data": data}, figures=[])
+  assert "3 damaged files" in page and html.escape(str(faults[shards["trunc"]])) in page
+  assert runner.data_faults([shards["good0"]], skipped_records=0)["damaged_files"] == []
 
 
 def test_training_yields_each_readable_record_once_per_epoch_and_names_files_once(shards):
