@@ -102,6 +102,7 @@ def test_eval_yields_exactly_the_readable_records_in_file_order(shards):
   page = report.render_html(title="t", results={"data": data}, figures=[])
   assert "3 damaged files" in page and html.escape(str(faults[shards["trunc"]])) in page
   assert runner.data_faults([shards["good0"]], skipped_records=0)["damaged_files"] == []
+  assert runner.count_records(os.path.join(shards["dir"], "*.tfrecord")) == len(READABLE)
 
 
 def test_training_yields_each_readable_record_once_per_epoch_and_names_files_once(shards):

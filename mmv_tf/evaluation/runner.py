@@ -141,10 +141,12 @@ def data_faults(patterns: Sequence, *, skipped_records: int) -> Dict[str, object
 
 
 def count_records(pattern) -> int:
-  import tensorflow as tf
+  """Readable records of the files (the unreadable rest of a damaged file is skipped, as the
+  evaluation pipelines skip it: a plain TFRecordDataset would stop with DataLossError)."""
   from mmv_tf.data import pipeline
+  from mmv_tf.data import tfrecord_reading
   files = pipeline.list_files(pattern)
-  return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+  return int(tfrecord_reading.TFRecordFiles(files).dataset().reduce(np.int64(0), lambda n, _: n + 1))
 
 
 def read_class_names(pattern, fallback: Optional[int] = None) -> List[str]:
