@@ -462,6 +462,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
   # None means float32 even when the caller's global policy is a mixed one (float16 compute without
   # the loss scaling that mixed_precision='mixed_float16' adds would underflow silently).
   keras.mixed_precision.set_global_policy(mixed_precision or "float32")
+  if max_bad_file_fraction is not None and train_files is None:
+    raise ValueError("max_bad_file_fraction needs `train_files` (the number of files it is a fraction of)")
   limits = DataLimits(strict=strict_data, max_bad_files=max_bad_files,
                       max_bad_file_fraction=max_bad_file_fraction, max_bad_records=max_bad_records,
                       max_bad_record_fraction=max_bad_record_fraction)
