@@ -8,6 +8,7 @@ d-lenflip 20-22 with a flipped byte in the length of record 21, e-garbage, f-emp
 from __future__ import annotations
 
 import collections
+import html
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ import tensorflow as tf
 from mmv_tf.data import features as F
 from mmv_tf.data import pipeline
 from mmv_tf.data import tfrecord_reading
+from mmv_tf.evaluation import report, runner
 from mmv_tf.training import trainer
 from test_pipeline import SMALL, VOCAB, eval_batches, make_clip, write_shard
 
@@ -79,7 +81,11 @@ def check_named(shards):
   assert faults[shards["empty"]].offset is None and not faults[shards["empty"]].is_fault
   assert "empty file" in faults[shards["empty"]].reason
   assert "unreadable TFRecord data" in faults[shards["trunc"]].reason
-  assert str(faults[shards["trunc"]]).endswith(f"at byte {shards['trunc_at']}")
+  assert [faults[shards[k]].records_before for k in ("trunc", "lenflip", "garbage")] == [2, 1, 0]
+  assert str(faults[shards["trunc"]]) == (f"{shards['trunc']}: unreadable TFRecord data from here on "
+                                          f"(truncated or corrupted record) at byte {shards['trunc_at']} "
+                                          "(after 2 readable records)")
+  assert str(faults[shards["empty"]]) == f"{shards['empty']}: empty file (no records)"
 
 
 def test_eval_yields_exactly_the_readable_records_in_file_order(shards):
@@ -88,6 +94,15 @@ def test_eval_yields_exactly_the_readable_records_in_file_order(shards):
   labels = np.concatenate([b[F.LABEL] for b in eval_batches(ds)])
   np.testing.assert_array_equal(labels, READABLE)
   check_named(shards)
+  # Evaluation's metrics.json `data` and report.html name them in the same wording.
+  data = runner.data_faults([os.path.join(shards["dir"], "*.tfrecord")], skipped_records=0)
+  faults = faults_by_path()
+  assert data["damaged_files"] == [str(faults[shards[k]]) for k in ("trunc", "lenflip", "garbage")]
+  assert data["empty_files"] == [shards["empty"]] and len(data["file_faults"]) == 4
+  page = report.render_html(title="t", results={"data": data}, figures=[])
+  assert "3 damaged files" in page and html.escape(str(faults[shards["trunc"]])) in page
+  assert runner.data_faults([shards["good0"]], skipped_records=0)["damaged_files"] == []
+  assert runner.count_records(os.path.join(shards["dir"], "*.tfrecord")) == len(READABLE)
 
 
 def test_training_yields_each_readable_record_once_per_epoch_and_names_files_once(shards):

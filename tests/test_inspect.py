@@ -97,10 +97,19 @@ def test_corrupted_bytes_are_reported_where_reading_stops(tmp_path):
   offset = len(good[0]) + 16 + 12 + 100  # inside the second record's payload
   data[offset] ^= 0xFF
   path.write_bytes(bytes(data))
-  report = inspect.inspect_records(pattern=str(path))
-  assert [(b.index, b.problems[0].split(" (")[0]) for b in report.bad] == [
-      (1, "unreadable TFRecord data from here on")]
-  assert report.records_per_file == {str(path): 1}
+  empty = tmp_path / "c-empty.tfrecord"
+  empty.write_bytes(b"")
+  report = inspect.inspect_records(pattern=str(tmp_path / "c-*.tfrecord"))
+  assert report.bad == []
+  fault, blank = report.file_faults
+  assert (fault.path, fault.offset, fault.records_before) == (str(path), len(good[0]) + 16, 1)
+  # The trainer's and evaluation's wording (the reader's warning: tfrecord_reading.fault_text).
+  line = (f"{path}: unreadable TFRecord data from here on (truncated or corrupted record) at byte "
+          f"{len(good[0]) + 16} (after 1 readable records)")
+  assert str(fault) == line and f"  {line}" in report.format().splitlines()
+  assert str(blank) == f"{empty}: empty file (no records)" and report.damaged_files == [fault]
+  assert "damaged files: 1" in report.format().splitlines()[0]
+  assert report.records_per_file == {str(path): 1, str(empty): 0}
 
 
 def test_cli_exit_status(tmp_path, capsys):

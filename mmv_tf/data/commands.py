@@ -127,7 +127,8 @@ def _dataset_run(args: argparse.Namespace) -> int:
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("pattern", help="TFRecord files, e.g. 'data/train-*.tfrecord' (quote the glob)")
-  parser.add_argument("--strict", action="store_true", help="exit with status 1 if any record is bad")
+  parser.add_argument("--strict", action="store_true",
+                      help="exit with status 1 if any record is bad or any file damaged")
   _flag(parser, "--no-decode-images", action="store_true",
         help="skip decoding every JPEG (faster, weaker check)")
   _flag(parser, "--max-bad", type=int, default=50, help="bad records to list")
@@ -141,8 +142,9 @@ def _inspect_run(args: argparse.Namespace) -> int:
     print(f"mmv-tf inspect-data: {e}", file=sys.stderr)
     return 2
   print(report.format(max_bad=args.max_bad))
-  if args.strict and report.bad:
-    print(f"mmv-tf inspect-data: --strict and {len(report.bad)} bad record(s)", file=sys.stderr)
+  if args.strict and (report.bad or report.damaged_files):
+    print(f"mmv-tf inspect-data: --strict and {len(report.bad)} bad record(s), "
+          f"{len(report.damaged_files)} damaged file(s)", file=sys.stderr)
     return 1
   return 0
 

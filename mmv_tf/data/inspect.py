@@ -6,7 +6,9 @@ label texts are UTF-8; label index and text lists have the same length; the wave
 images have none) is one float list of finite values in [-1, 1] whose length matches
 frames / fps * sample_rate within one frame; end >= start. A labels.txt next to the shards (if any)
 is checked against the label indices and texts. A shard whose bytes are corrupted (CRC mismatch,
-truncation) is reported at the index of the first unreadable record; the records after it are lost.
+truncation), that cannot be read or that is empty is a damaged file (`Report.file_faults`), reported
+with the byte offset of the first unreadable record and the readable records before it, in the
+wording of the trainer and evaluation (`tfrecord_reading.fault_text`); the records after it are lost.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from mmv_tf.data import schema
+from mmv_tf.data import tfrecord_reading
 
 _KIND = {  # key -> (part, proto kind)
     schema.IMAGE_ENCODED: ("feature_lists", "bytes_list"),
@@ -79,14 +82,21 @@ class Report:
   silent: int = 0
   with_captions: int = 0
   labelled: int = 0
+  file_faults: List[tfrecord_reading.FileFault] = dataclasses.field(default_factory=list)
 
   @property
   def num_records(self) -> int:
     return sum(self.records_per_file.values())
 
+  @property
+  def damaged_files(self) -> List[tfrecord_reading.FileFault]:
+    """The file faults that lose data (an empty file is listed but is not one)."""
+    return [f for f in self.file_faults if f.is_fault]
+
   def format(self, *, max_bad: int = 50, max_labels: int = 20) -> str:
     n = self.num_records
-    lines = [f"files: {len(self.files)}   records: {n}   bad records: {len(self.bad)}"]
+    lines = [f"files: {len(self.files)}   records: {n}   bad records: {len(self.bad)}   "
+             f"damaged files: {len(self.damaged_files)}"]
     for path in self.files:
       lines.append(f"  {path}: {self.records_per_file.get(path, 0)} records")
     lines += [
@@ -106,6 +116,9 @@ class Report:
       lines.append(f"       {count:6d}  {name}")
     if len(self.labels) > max_labels:
       lines.append(f"       ... {len(self.labels) - max_labels} more")
+    if self.file_faults:
+      lines.append("damaged files:")
+      lines += [f"  {f}" for f in self.file_faults]
     if self.bad:
       lines.append("bad records:")
       lines += [f"  {b}" for b in self.bad[:max_bad]]
@@ -261,15 +274,24 @@ def inspect_records(*, pattern: str, decode_images: bool = True,
   labels = _labels_next_to(files) if check_labels else None
   report = Report(files=files, records_per_file={}, bad=[])
   for path in files:
-    count = 0
+    count = offset = 0
     try:
       for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
         problems = check_record(serialized, labels=labels, report=report, decode_images=decode_images)
         if problems:
           report.bad.append(BadRecord(path=path, index=count, problems=problems))
         count += 1
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-      report.bad.append(BadRecord(path=path, index=count, problems=[
-          f"unreadable TFRecord data from here on ({type(e).__name__}: {e.message.splitlines()[0]})"]))
+        offset += len(serialized) + tfrecord_reading.RECORD_OVERHEAD
+    except tf.errors.NotFoundError:
+      report.file_faults.append(tfrecord_reading.FileFault(
+          path=path, reason=tfrecord_reading.REASONS[tfrecord_reading.UNOPENABLE]))
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError):
+      report.file_faults.append(tfrecord_reading.FileFault(
+          path=path, reason=tfrecord_reading.REASONS[tfrecord_reading.UNREADABLE], offset=offset,
+          records_before=count))
+    else:
+      if offset == 0:
+        report.file_faults.append(tfrecord_reading.FileFault(
+            path=path, reason=tfrecord_reading.REASONS[tfrecord_reading.EMPTY]))
     report.records_per_file[path] = count
   return report

@@ -48,8 +48,9 @@ REASONS = {
     UNREADABLE: "unreadable TFRecord data from here on (truncated or corrupted record)",
     EMPTY: "empty file (no records)",
 }
-_RECORD_OVERHEAD = 16  # uint64 length + uint32 masked CRC of the length + uint32 masked CRC of the data
+RECORD_OVERHEAD = 16  # uint64 length + uint32 masked CRC of the length + uint32 masked CRC of the data
 _FIELD_SEP = "\t"
+WARNING_PREFIX = "TFRecord file skipped: "  # + fault_text: the readers' one warning per file
 _LOCK = threading.Lock()
 _FAULT_LOG: Optional[str] = None
 
@@ -61,14 +62,30 @@ class FileFault:
   path: str
   reason: str
   offset: Optional[int] = None
+  records_before: Optional[int] = None  # readable records before `offset` (None: not counted)
 
   @property
   def is_fault(self) -> bool:
     return self.reason != REASONS[EMPTY]
 
   def __str__(self) -> str:
-    where = "" if self.offset is None else f" at byte {self.offset}"
-    return f"{self.path}: {self.reason}{where}"
+    return fault_text(self.path, self.reason, -1 if self.offset is None else self.offset,
+                      -1 if self.records_before is None else self.records_before).numpy().decode("utf-8")
+
+  def to_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), text=str(self))
+
+
+def fault_text(path, reason, offset, records_before) -> tf.Tensor:
+  """`PATH: REASON at byte N (after K readable records)`: the one wording of a file fault, for the
+  readers' warnings (in the tf.data graph), the trainer, evaluation and `inspect-data` (eagerly).
+  `offset` / `records_before` < 0: unknown (the " at byte" / "(after ...)" parts are left out)."""
+  offset = tf.convert_to_tensor(offset, tf.int64)
+  records_before = tf.convert_to_tensor(records_before, tf.int64)
+  where = tf.where(offset >= 0, tf.strings.join([" at byte ", tf.strings.as_string(offset)]), "")
+  before = tf.where(records_before >= 0, tf.strings.join(
+      [" (after ", tf.strings.as_string(records_before), " readable records)"]), "")
+  return tf.strings.join([path, ": ", reason, where, before])
 
 
 def _fault_log() -> str:
@@ -98,12 +115,19 @@ def file_faults() -> List[FileFault]:
   seen, out = set(), []
   for line in lines:
     parts = line.split(_FIELD_SEP)
-    if len(parts) != 3 or parts[0] in seen:
+    if len(parts) != 4 or parts[0] in seen:
       continue
     seen.add(parts[0])
-    offset = int(parts[2])
-    out.append(FileFault(path=parts[0], reason=parts[1], offset=None if offset < 0 else offset))
+    offset, before = int(parts[2]), int(parts[3])
+    out.append(FileFault(path=parts[0], reason=parts[1], offset=None if offset < 0 else offset,
+                         records_before=None if before < 0 else before))
   return out
+
+
+def faults_of(files: Sequence[str]) -> List[FileFault]:
+  """`file_faults()` of the given files only (e.g. one job's training or evaluation files)."""
+  wanted = set(files)
+  return [f for f in file_faults() if f.path in wanted]
 
 
 def reset_file_faults() -> None:
@@ -183,7 +207,8 @@ class TFRecordFiles:
         (self.paths, tf.constant(self.sizes, tf.int64), tf.range(len(self.paths), dtype=tf.int32)))
 
   def read_file(self, path, size, index) -> tf.data.Dataset:
-    """(record, index, code, offset) per record of one file, then a marker if the file is reported."""
+    """(record, index, code, offset, count) per record of one file (count = records before it), then a
+    marker if the file is reported."""
     # A probe error (e.g. listing a vanished folder) drops the probe's element, counting as not opened.
     opened = tf.data.Dataset.from_tensors(path).map(_opens).ignore_errors()
     opened = opened.concatenate(tf.data.Dataset.from_tensors(False)).take(1)
@@ -194,33 +219,35 @@ class TFRecordFiles:
     # take(0) never opens the file: an unopenable file must not reach TFRecordDataset (see docstring).
     records = tf.data.TFRecordDataset(path, buffer_size=self.buffer_size).take(
         tf.where(opened, tf.constant(-1, tf.int64), 0)).ignore_errors()
-    records = records.map(lambda r: (r, tf.cast(tf.strings.length(r), tf.int64) + _RECORD_OVERHEAD,
+    records = records.map(lambda r: (r, tf.cast(tf.strings.length(r), tf.int64) + RECORD_OVERHEAD,
                                      tf.constant(False)))
     end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(0, tf.int64), tf.constant(True)))
 
-    def account(consumed, element):
+    def account(state, element):
+      consumed, count = state
       record, nbytes, is_end = element
       code = tf.where(is_end, _verdict(opened=opened, size=size, consumed=consumed), RECORD)
-      return consumed + nbytes, (record, index, code, consumed)
+      return (consumed + nbytes, count + 1), (record, index, code, consumed, count)
 
-    out = records.concatenate(end).scan(tf.constant(0, tf.int64), account)
-    return out.filter(lambda record, i, code, offset: tf.not_equal(code, CLEAN_END))
+    zero = tf.constant(0, tf.int64)
+    out = records.concatenate(end).scan((zero, zero), account)
+    return out.filter(lambda record, i, code, offset, count: tf.not_equal(code, CLEAN_END))
 
   def records(self, stream: tf.data.Dataset) -> tf.data.Dataset:
     """Serialized records of a stream of `read_file` outputs; markers become checks and warnings."""
     initial = (tf.zeros([len(self.paths)], tf.bool), tf.constant(0, tf.int32))
 
     def step(state, element):
-      record, index, code, offset = element
+      record, index, code, offset, count = element
       reported, num_bad = state
       first = tf.logical_and(tf.not_equal(code, RECORD), tf.logical_not(tf.gather(reported, index)))
-      state = tf.cond(first, lambda: self._report(reported, num_bad, index, code, offset),
+      state = tf.cond(first, lambda: self._report(reported, num_bad, index, code, offset, count),
                       lambda: (reported, num_bad))
       return state, (record, tf.equal(code, RECORD))
 
     return stream.scan(initial, step).filter(_is_record).map(_record)
 
-  def _report(self, reported, num_bad, index, code, offset):
+  def _report(self, reported, num_bad, index, code, offset, count):
     """First sight of a reported file: log it, then enforce `strict` / `max_bad_files`."""
     reported = tf.tensor_scatter_nd_update(reported, [[index]], [True])
     is_fault = tf.not_equal(code, EMPTY)
@@ -228,28 +255,28 @@ class TFRecordFiles:
     paths = tf.constant(self.paths)
     path = tf.gather(paths, index)
     reason = tf.gather(tf.constant([REASONS.get(c, "") for c in range(CLEAN_END)]), code)
-    offset = tf.where(tf.equal(code, UNREADABLE), offset, -1)  # only a read fault has a position
-    where = tf.where(offset >= 0, tf.strings.join([" at byte ", tf.strings.as_string(offset)]), "")
+    read_fault = tf.equal(code, UNREADABLE)  # only a read fault has a position
+    offset = tf.where(read_fault, offset, -1)
+    count = tf.where(read_fault, count, -1)
+    text = fault_text(path, reason, offset, count)
     logged = [
-        tf.print(tf.strings.join(["TFRecord file skipped: ", path, ": ", reason, where]),
-                 output_stream=tf.compat.v1.logging.warning, end=""),
-        tf.print(tf.strings.join([path, reason, tf.strings.as_string(offset)], separator=_FIELD_SEP),
-                 output_stream=f"file://{self._log}")]
+        tf.print(tf.strings.join([WARNING_PREFIX, text]), output_stream=tf.compat.v1.logging.warning, end=""),
+        tf.print(tf.strings.join([path, reason, tf.strings.as_string(offset), tf.strings.as_string(count)],
+                                 separator=_FIELD_SEP), output_stream=f"file://{self._log}")]
     with tf.control_dependencies(logged):
-      checks = self._checks(reported=reported, num_bad=num_bad, is_fault=is_fault, path=path,
-                            reason=reason, where=where, paths=paths)
+      checks = self._checks(reported=reported, num_bad=num_bad, is_fault=is_fault, text=text,
+                            paths=paths)
     with tf.control_dependencies(checks):
       return tf.identity(reported), tf.identity(num_bad)
 
-  def _checks(self, *, reported, num_bad, is_fault, path, reason, where, paths) -> list:
+  def _checks(self, *, reported, num_bad, is_fault, text, paths) -> list:
     checks = [tf.debugging.Assert(
         tf.logical_not(tf.reduce_all(reported)),
         [tf.strings.join(["every TFRecord file is damaged or empty (nothing to read): ",
                           tf.strings.reduce_join(paths, separator=", ")])])]
     if self.strict:
       checks.append(tf.debugging.Assert(
-          tf.logical_not(is_fault), [tf.strings.join(["damaged TFRecord file (strict): ", path, ": ",
-                                                      reason, where])]))
+          tf.logical_not(is_fault), [tf.strings.join(["damaged TFRecord file (strict): ", text])]))
     if self.max_bad_files is not None:
       faulty = tf.boolean_mask(paths, reported)  # includes empty files: named, not counted
       checks.append(tf.debugging.Assert(

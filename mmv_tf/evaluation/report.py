@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -285,6 +285,7 @@ def render_html(*, title: str, results: Mapping[str, object], figures: Sequence[
   parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
            "<h2>Summary</h2>", "".join(table), f"<p class=meta>{meta_html}</p>"]
+  parts.append(_data_html(results.get("data")))
   for fig in figures:
     data = base64.b64encode(fig.png).decode("ascii")
     parts.append(f"<h2>{html.escape(fig.title)}</h2><figure><img class='plot' id='{html.escape(fig.id)}' "
@@ -293,6 +294,16 @@ def render_html(*, title: str, results: Mapping[str, object], figures: Sequence[
   parts.append("<h2>metrics.json</h2><pre style='font-size:11px;overflow:auto'>"
                + html.escape(json.dumps(_jsonable(results), indent=1)) + "</pre></body></html>")
   return "".join(parts)
+
+
+def _data_html(data: Optional[Mapping[str, object]]) -> str:
+  """Bad records skipped and damaged files (metrics.json's `data`), or nothing when all was clean."""
+  if not data or not (data.get("skipped_records") or data.get("damaged_files")):
+    return ""
+  items = "".join(f"<li>{html.escape(str(line))}</li>" for line in data.get("damaged_files", []))
+  return (f"<h2>Data</h2><p class=meta>{int(data.get('skipped_records', 0))} bad records skipped; "
+          f"{len(data.get('damaged_files', []))} damaged files (their unreadable part skipped):</p>"
+          f"<ul>{items}</ul>")
 
 
 def _jsonable(x):

@@ -126,11 +126,27 @@ def _log(msg: str, verbose: bool) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def count_records(pattern) -> int:
-  import tensorflow as tf
+def data_faults(patterns: Sequence, *, skipped_records: int) -> Dict[str, object]:
+  """metrics.json's `data`: bad records skipped while reading, and the damaged (or empty) files of
+  `patterns` met by the readers of this process (`tfrecord_reading.file_faults`; in the trainer's and
+  `inspect-data`'s wording). Splits whose features came from the cache were not read."""
   from mmv_tf.data import pipeline
+  from mmv_tf.data import tfrecord_reading
+  files = {f for p in patterns if p for f in pipeline.list_files(p)}
+  faults = tfrecord_reading.faults_of(sorted(files))
+  return {"skipped_records": int(skipped_records),
+          "damaged_files": [str(f) for f in faults if f.is_fault],
+          "empty_files": [f.path for f in faults if not f.is_fault],
+          "file_faults": [dataclasses.asdict(f) for f in faults]}
+
+
+def count_records(pattern) -> int:
+  """Readable records of the files (the unreadable rest of a damaged file is skipped, as the
+  evaluation pipelines skip it: a plain TFRecordDataset would stop with DataLossError)."""
+  from mmv_tf.data import pipeline
+  from mmv_tf.data import tfrecord_reading
   files = pipeline.list_files(pattern)
-  return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+  return int(tfrecord_reading.TFRecordFiles(files).dataset().reduce(np.int64(0), lambda n, _: n + 1))
 
 
 def read_class_names(pattern, fallback: Optional[int] = None) -> List[str]:
@@ -270,9 +286,11 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
   `vocabulary` and `preprocessing` (num_frames, crop_size, min_resize, sample_rate, max_tokens, ...)
   override what the model provides; the protocol's num_frames/crop_size/min_resize override both.
   """
+  from mmv_tf.data import pipeline
   from mmv_tf.evaluation import features as FE
   from mmv_tf.evaluation import report as R
   started = time.time()
+  skipped_before = pipeline.bad_record_count()
   protocol = protocol if protocol is not None else PROTOCOLS["synthetic"]
   unknown = set(tasks) - set(ALL_TASKS)
   if unknown:
@@ -324,6 +342,11 @@ def evaluate(*, output_dir: str, model_dir: Optional[str] = None, saved_model: O
       _image_tasks(run, image_pattern=image_pattern, image_train_pattern=image_train_pattern,
                    image_test_pattern=image_test_pattern, has_text=has_text)
   results["meta"]["seconds"] = round(time.time() - started, 1)
+  results["data"] = data_faults(
+      [eval_pattern, train_pattern, test_pattern, image_pattern, image_train_pattern, image_test_pattern],
+      skipped_records=pipeline.bad_record_count() - skipped_before)
+  for line in results["data"]["damaged_files"]:
+    _log(f"evaluate: damaged data file skipped: {line}", verbose)
   if report:
     _write_report(run, results=results, output_dir=output_dir, model_dir=model_dir,
                   title=title or f"mmv_tf evaluation ({protocol.name})")

@@ -47,7 +47,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "(sets train.word2vec)")
   parser.add_argument("--family", default=None,
                       help="model family (sets train.family; the gin files of a family set it already)")
+  data = parser.add_argument_group(
+      "bad data", "damaged TFRecord files and bad records are skipped, counted and named; these stop "
+      "the run instead (each sets the train.* binding of the same name)")
+  data.add_argument("--strict_data", action="store_true",
+                    help="fail at the first damaged file or bad record")
+  data.add_argument("--max_bad_files", type=int, default=None, help="most damaged files tolerated")
+  data.add_argument("--max_bad_file_fraction", type=float, default=None,
+                    help="most damaged files tolerated, as a fraction of the training files")
+  data.add_argument("--max_bad_records", type=int, default=None, help="most bad records tolerated")
+  data.add_argument("--max_bad_record_fraction", type=float, default=None,
+                    help="most bad records tolerated, as a fraction of the records read")
   gin_utils.add_gin_arguments(parser)
+
+
+DATA_LIMIT_FLAGS = ("max_bad_files", "max_bad_file_fraction", "max_bad_records", "max_bad_record_fraction")
+
+
+def data_limit_params(args: argparse.Namespace) -> list:
+  """The gin bindings of the bad-data flags that were given."""
+  params = ["train.strict_data = True"] if args.strict_data else []
+  return params + [f"train.{name} = {getattr(args, name)!r}" for name in DATA_LIMIT_FLAGS
+                   if getattr(args, name) is not None]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     params.append(f"train.family = '{args.family}'")
   if args.word2vec:
     params.append(f"train.word2vec = '{args.word2vec}'")
+  params += data_limit_params(args)
   gin_utils.parse_gin(list(args.gin_file), params)
   chief = checkpointing.is_chief(strategy)
   if chief:  # the full config, in case the run dies early; replaced by the operative config below

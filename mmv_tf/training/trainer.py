@@ -22,11 +22,19 @@ Input: on single-host strategies with `checkpoint_data_iterator` (the default), 
 `pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint); otherwise from
 `pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
 checkpointed `skipped_records` counter.
+
+Damaged data files (`data/tfrecord_reading.py`: truncated, corrupted, garbage, vanished) lose only their
+unreadable part. The trainer collects them (`_FileFaults`: path, byte offset, readable records before
+the fault), prints each one once, logs their number as the `damaged_files` scalar next to
+`skipped_records`, checkpoints the list (`file_faults`) so that a resumed run still names them, and
+returns it in `TrainResult.file_faults`. Limits (`strict_data`, `max_bad_files`, ...) stop the run with
+a `DataFaultError` listing the files (`_check_data_limits`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -38,6 +46,7 @@ import keras
 import tensorflow as tf
 
 from mmv_tf.data import pipeline
+from mmv_tf.data import tfrecord_reading
 from mmv_tf.families import model_dir as model_dir_lib
 from mmv_tf.training import checkpointing, optimizers, schedules
 from mmv_tf.training import strategy as strategy_lib
@@ -52,6 +61,10 @@ class NonFiniteLossError(RuntimeError):
   """Raised when the loss or the gradients are NaN/Inf (nan_policy='stop', or too many skips)."""
 
 
+class DataFaultError(RuntimeError):
+  """Raised when damaged files or bad records exceed the run's limits (or any with `strict_data`)."""
+
+
 @dataclasses.dataclass
 class TrainResult:
   model_dir: str
@@ -62,6 +75,13 @@ class TrainResult:
   history: List[Dict[str, float]]  # the logged metrics, one dict per log step (with "step")
   last_checkpoint: Optional[str]
   skipped_records: int = 0        # bad input records skipped in the batches trained on (all runs)
+  # Damaged (or empty) training files met so far (all runs), first met first; `str(f)` is the wording
+  # of the logs and `mmv-tf inspect-data`.
+  file_faults: List[tfrecord_reading.FileFault] = dataclasses.field(default_factory=list)
+
+  @property
+  def damaged_files(self) -> List[tfrecord_reading.FileFault]:
+    return [f for f in self.file_faults if f.is_fault]
 
 
 # ---- data and vocabulary --------------------------------------------------------------------------------
@@ -230,6 +250,95 @@ class _StopRequest:
       self._previous = None
 
 
+# ---- damaged files -------------------------------------------------------------------------------------
+
+class _FileFaults:
+  """The damaged training files of a run (all runs of the model dir): collected from the readers' fault
+  log (`tfrecord_reading.file_faults`), checkpointed as JSON in a string variable."""
+
+  def __init__(self, files: Optional[Sequence[str]]):
+    self.files = None if files is None else set(files)
+    self.known: Dict[str, tfrecord_reading.FileFault] = {}
+    self.variable = tf.Variable("[]", dtype=tf.string, trainable=False, name="file_faults")
+
+  def restored(self) -> None:
+    for item in json.loads(self.variable.numpy().decode("utf-8")):
+      fault = tfrecord_reading.FileFault(**item)
+      self.known.setdefault(fault.path, fault)
+
+  def update(self) -> List[tfrecord_reading.FileFault]:
+    """Faults not seen before (by this run or the checkpointed ones)."""
+    seen = tfrecord_reading.file_faults()
+    new = [f for f in seen if f.path not in self.known and (self.files is None or f.path in self.files)]
+    for fault in new:
+      self.known[fault.path] = fault
+    return new
+
+  def before_save(self) -> None:
+    self.variable.assign(json.dumps([dataclasses.asdict(f) for f in self.known.values()]))
+
+  @property
+  def faults(self) -> List[tfrecord_reading.FileFault]:
+    return list(self.known.values())
+
+  @property
+  def damaged(self) -> List[tfrecord_reading.FileFault]:
+    return [f for f in self.known.values() if f.is_fault]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLimits:
+  """When bad data stops a run (None = no limit). `strict`: the first damaged file or bad record.
+  `max_bad_files` / `max_bad_file_fraction`: damaged files, as a count or a fraction of the training
+  files. `max_bad_records` / `max_bad_record_fraction`: skipped records, as a count or a fraction of the
+  records read (trained on + skipped), judged from step `MIN_STEPS_FOR_FRACTION` on (one bad record in
+  the first batch would otherwise be a large fraction)."""
+  strict: bool = False
+  max_bad_files: Optional[int] = None
+  max_bad_file_fraction: Optional[float] = None
+  max_bad_records: Optional[int] = None
+  max_bad_record_fraction: Optional[float] = None
+
+  MIN_STEPS_FOR_FRACTION = 10
+
+  def check(self, *, damaged: Sequence[tfrecord_reading.FileFault], num_files: Optional[int],
+            skipped_records: int, step: int, batch_size: int) -> None:
+    """Raises DataFaultError naming the damaged files when a limit is exceeded."""
+    problems = []
+    if self.strict and (damaged or skipped_records):
+      problems.append("strict_data: bad data met")
+    if self.max_bad_files is not None and len(damaged) > self.max_bad_files:
+      problems.append(f"more than max_bad_files={self.max_bad_files} damaged files")
+    if self.max_bad_file_fraction is not None and num_files and \
+        len(damaged) > self.max_bad_file_fraction * num_files:
+      problems.append(f"more than max_bad_file_fraction={self.max_bad_file_fraction} of {num_files} files "
+                      "damaged")
+    if self.max_bad_records is not None and skipped_records > self.max_bad_records:
+      problems.append(f"more than max_bad_records={self.max_bad_records} bad records skipped")
+    read = skipped_records + step * batch_size
+    if self.max_bad_record_fraction is not None and step >= self.MIN_STEPS_FOR_FRACTION and \
+        skipped_records > self.max_bad_record_fraction * read:
+      problems.append(f"more than max_bad_record_fraction={self.max_bad_record_fraction} of the {read} "
+                      "records read were bad")
+    if problems:
+      listing = "".join(f"\n  {f}" for f in damaged) or " none"
+      raise DataFaultError(f"{'; '.join(problems)} (step {step}: {skipped_records} bad records skipped, "
+                           f"{len(damaged)} damaged files). Damaged files:{listing}")
+
+
+def _training_files(train_files) -> Optional[List[str]]:
+  """Every file of `train_files` (a pattern, a list of them, or one such entry per mixture source)."""
+  if train_files is None:
+    return None
+  sources = [train_files] if isinstance(train_files, str) else list(train_files)
+  return sorted({f for src in sources for f in pipeline.list_files(src)})
+
+
+def _strict_data_options(data_config: Mapping[str, Any], strict: bool) -> Dict[str, Any]:
+  """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`."""
+  return dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
+
+
 # ---- train() ------------------------------------------------------------------------------------------
 
 def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] = None,
@@ -248,6 +357,9 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
           jit_compile: Optional[bool] = None,
           checkpoint_every: int = 1000, keep_checkpoints: int = 3, checkpoint_data_iterator: bool = True,
           log_every: int = 100, nan_policy: str = "stop", max_skipped_steps: int = 10,
+          strict_data: bool = False, max_bad_files: Optional[int] = None,
+          max_bad_file_fraction: Optional[float] = None, max_bad_records: Optional[int] = None,
+          max_bad_record_fraction: Optional[float] = None,
           seed: Optional[int] = 0, handle_sigterm: bool = True,
           model_builder: Optional[Callable[..., keras.Model]] = None,
           dataset_fn: Optional[Callable[..., tf.data.Dataset]] = None,
@@ -270,6 +382,9 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
       (MMV and VATT: a frozen 2^16 x 300 table; `max_vocab_size` 65536).
     train_files / data_config: TFRecord patterns and the family's data options (shuffle buffer,
       augmentations, number of captions, mixture weights...; not the preprocessing settings).
+    strict_data, max_bad_files, max_bad_file_fraction, max_bad_records, max_bad_record_fraction: when
+      damaged files / skipped bad records stop the run (`DataLimits`; default: never, they are skipped,
+      counted and named). `strict_data` also makes the family's pipeline fail at the first one.
     optimizer, learning_rate, schedule, warmup_steps, end_learning_rate, weight_decay, momentum,
       clip_grad_norm: see `optimizers.make_optimizer` and `schedules.make_schedule`; clipping is by
       the global norm of the global gradient.
@@ -334,7 +449,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
       raise ValueError("pass `train_files` (TFRecord patterns) or a `dataset_fn`")
     # A custom model_builder may take a partial config: the data settings are the completed config's.
     dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
-                                      vocabulary=vocab, seed=seed, options=dict(data_config or {}))
+                                      vocabulary=vocab, seed=seed,
+                                      options=_strict_data_options(data_config or {}, strict_data))
   optimizer_options = {**(fam.optimizer_options(model_config) if fam is not None else {}),
                        **dict(optimizer_options or {})}
   if loss_fn is None:
@@ -346,6 +462,11 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
   # None means float32 even when the caller's global policy is a mixed one (float16 compute without
   # the loss scaling that mixed_precision='mixed_float16' adds would underflow silently).
   keras.mixed_precision.set_global_policy(mixed_precision or "float32")
+  if max_bad_file_fraction is not None and train_files is None:
+    raise ValueError("max_bad_file_fraction needs `train_files` (the number of files it is a fraction of)")
+  limits = DataLimits(strict=strict_data, max_bad_files=max_bad_files,
+                      max_bad_file_fraction=max_bad_file_fraction, max_bad_records=max_bad_records,
+                      max_bad_record_fraction=max_bad_record_fraction)
   stop_request = _StopRequest(handle_sigterm)
   try:
     return _run(model_dir=model_dir, steps=steps, batch_size=batch_size, strategy=strategy, chief=chief,
@@ -360,7 +481,8 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
                 checkpoint_data_iterator=checkpoint_data_iterator, log_every=log_every,
                 initialize_model=initialize_model,
                 nan_policy=nan_policy, max_skipped_steps=max_skipped_steps, stop_request=stop_request,
-                on_step=on_step, print_fn=print_fn, initial_loss_scale=initial_loss_scale)
+                on_step=on_step, print_fn=print_fn, initial_loss_scale=initial_loss_scale,
+                limits=limits, files=_training_files(train_files))
   finally:
     stop_request.restore()
     keras.mixed_precision.set_global_policy(previous_policy)
@@ -434,7 +556,8 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
          weight_decay, momentum, optimizer_options, clip_grad_norm, loss_scaling, jit_compile,
          checkpoint_every,
          keep_checkpoints, checkpoint_data_iterator, log_every, nan_policy, max_skipped_steps,
-         stop_request, on_step, print_fn, initial_loss_scale, initialize_model=None) -> TrainResult:
+         stop_request, on_step, print_fn, initial_loss_scale, limits, files,
+         initialize_model=None) -> TrainResult:
   with strategy.scope():
     model = model_builder(**model_config)
     if initialize_model is not None:  # a new run only: a resumed one restores every weight below
@@ -457,7 +580,9 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
 
   iterator, next_batch = _make_input(strategy, dataset_fn, batch_size=batch_size,
                                      checkpointable=checkpoint_data_iterator)
-  objects = dict(model=model, optimizer=opt, step=step, skipped_records=skipped_records)
+  faults = _FileFaults(files)
+  objects = dict(model=model, optimizer=opt, step=step, skipped_records=skipped_records,
+                 file_faults=faults.variable)
   if checkpoint_data_iterator:
     # The input position is saved when the iterator supports it: single-host strategies use a
     # `CheckpointableInput`; TPU and multi-worker DistributedIterators are not trackable in TF 2.17,
@@ -470,7 +595,9 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
                       "input pipeline", type(iterator).__name__)
   writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
                                           strategy=strategy, keep=keep_checkpoints)
-  restored = writer.restore_latest(optional=("iterator", "skipped_records"))
+  restored = writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  if restored:
+    faults.restored()
   resumed_from = int(step.numpy()) if restored else None
   say = print_fn if (chief and print_fn) else (lambda _: None)
   if restored:
@@ -486,6 +613,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
   logger = SummaryLogger(model_dir=model_dir, chief=chief, total_steps=steps, global_batch_size=batch_size,
                          print_fn=print_fn)
   def save(at_step):
+    faults.before_save()
     path = writer.save(at_step)
     if path and "iterator" in objects and not reported_size:
       # Make the cost of the saved input position visible once per run (docs/training.md).
@@ -524,10 +652,15 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
         logging.warning("%s; skipping (nan_policy='skip', %d in a row)", message, consecutive)
       else:
         consecutive = 0
+      for fault in faults.update():  # once per file and model dir (the list is checkpointed)
+        say(f"damaged data file skipped: {fault}")
+      limits.check(damaged=faults.damaged, num_files=len(files) if files else None,
+                   skipped_records=int(skipped_records.numpy()), step=current, batch_size=batch_size)
       if current % log_every == 0 or current == steps:
         values = {k: float(v) for k, v in metrics.items()}
         values["learning_rate"] = float(opt.learning_rate)
         values["skipped_records"] = float(skipped_records.numpy())
+        values["damaged_files"] = float(len(faults.damaged))
         values["skipped_steps"] = float(skipped)
         if loss_scaling:
           values["loss_scale"] = float(opt.dynamic_scale.numpy())
@@ -550,4 +683,4 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
     last_path = save(current) or last_path
   return TrainResult(model_dir=model_dir, step=current, preempted=preempted, resumed_from=resumed_from,
                      skipped_steps=skipped, history=history, last_checkpoint=last_path,
-                     skipped_records=int(skipped_records.numpy()))
+                     skipped_records=int(skipped_records.numpy()), file_faults=faults.faults)
