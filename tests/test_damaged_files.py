@@ -150,6 +150,13 @@ def test_captions_from_records_reads_the_readable_records(shards):
   assert shards["trunc"] in faults_by_path()
 
 
+def test_deflate_image_reading_reads_the_readable_records(shards):
+  from mmv_tf.models import commands as model_commands
+  images = model_commands.read_images(pattern=os.path.join(shards["dir"], "*.tfrecord"), count=100, crop_size=8)
+  assert images.shape == (len(READABLE), 8, 8, 3)
+  assert shards["trunc"] in faults_by_path() and shards["garbage"] in faults_by_path()
+
+
 def test_strict_files_fails_at_the_first_damaged_file_naming_it(shards):
   for kwargs in ({"strict_files": True}, {"skip_bad_records": False}):
     ds = pipeline.make_eval_dataset(file_patterns=os.path.join(shards["dir"], "*.tfrecord"),

@@ -48,7 +48,9 @@ def read_images(*, pattern: str, count: int, crop_size: int):
     frames = processors.resize_smallest(processors.normalize_image(frame), min_resize=crop_size)
     return processors.central_crop(frames, crop_size=crop_size)[0]
 
-  ds = tf.data.TFRecordDataset(files).map(parse).take(count)
+  from mmv_tf.data import tfrecord_reading
+  # A damaged image shard loses only its unreadable part (named once in a warning; docs/pipeline.md).
+  ds = tfrecord_reading.TFRecordFiles(files).dataset().map(parse).take(count)
   images = np.stack([x.numpy() for x in ds]) if count else np.zeros([0, crop_size, crop_size, 3], np.float32)
   return images.astype(np.float32)
 
