@@ -12,7 +12,7 @@ Each measurement runs in its own process; the systems alternate A B A B for `--r
 medians are reported, wall clips/s and clips per CPU-second of the process, with their ratios.
 
   .venv/bin/python benchmarks/input_pipeline.py --dmvr_src /tmp/dmvr_src [--rounds 3] [--batches 30]
-      [--ours_colour exact|fused] [--with_baseline]
+      [--ours_colour exact fused] [--with_baseline]
 
 **Built-in baseline** (no `--dmvr_src`, or `--with_baseline`): OUR pipeline with its `decode_frames`
 step replaced by decode-everything -> resize short side -> scale-jitter resize -> random crop (DMVR's
@@ -180,11 +180,7 @@ def ours_dataset(*, pattern, vocab_path, colour, baseline=False):
   return make(pattern=pattern, vocab=vocab_path, baseline=baseline, batch_size=c["batch_size"],
               num_frames=c["num_frames"], stride=1, crop_size=c["crop_size"], min_resize=c["min_resize"],
               num_captions=1, max_tokens=c["max_tokens"], sample_rate=c["sample_rate"],
-              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, **colour_kwargs(colour))
-
-
-def colour_kwargs(colour):
-  return {} if colour == "exact" else {"color_mode": colour}
+              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, color_mode=colour)
 
 
 def run_worker(args):
@@ -193,20 +189,21 @@ def run_worker(args):
   if args.worker == "dmvr":
     ds = dmvr_dataset(dmvr_src=args.dmvr_src, pattern=pattern, vocab_path=vocab_path)
   else:
-    ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=args.ours_colour,
-                      baseline=args.worker == "baseline")
+    system, _, colour = args.worker.partition(":")
+    ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=colour or "exact",
+                      baseline=system == "baseline")
   wall, cpu = measure(ds, batches=args.batches, warmup=args.warmup, batch_size=DMVR_CONFIG["batch_size"])
   print("RESULT " + json.dumps({"system": args.worker, "wall": wall, "cpu": cpu}), flush=True)
 
 
 def run_against_dmvr(args):
   write_dmvr_layout(args.data_dir)  # once, before any timing
-  systems = ["dmvr", "ours"] + (["baseline"] if args.with_baseline else [])
+  systems = ["dmvr"] + [f"ours:{c}" for c in args.ours_colour] + (["baseline"] if args.with_baseline else [])
   results = {s: [] for s in systems}
   for r in range(args.rounds):
     for system in systems:
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--data_dir", args.data_dir,
-             "--batches", str(args.batches), "--warmup", str(args.warmup), "--ours_colour", args.ours_colour]
+             "--batches", str(args.batches), "--warmup", str(args.warmup)]
       if args.dmvr_src:
         cmd += ["--dmvr_src", args.dmvr_src]
       out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -215,8 +212,9 @@ def run_against_dmvr(args):
       print(f"round {r + 1} {system}: {res['wall']:.1f} clips/s, {res['cpu']:.2f} clips/CPU-s, "
             f"load {os.getloadavg()[0]:.1f}", flush=True)
   labels = {"dmvr": "DMVR (add_image/add_audio/add_spectrogram/add_text + color_default_augm)",
-            "ours": f"mmv_tf (make_pretraining_dataset, scale_jitter=False, colour {args.ours_colour})",
-            "baseline": "mmv_tf with our decode-then-crop baseline step (not DMVR)"}
+            "baseline": "mmv_tf with our decode-then-crop baseline step (not DMVR), colour exact"}
+  labels.update({f"ours:{c}": f"mmv_tf (make_pretraining_dataset, scale_jitter=False, color_mode={c})"
+                 for c in args.ours_colour})
   med = {s: tuple(float(np.median([v[i] for v in results[s]])) for i in range(2)) for s in systems}
   print(f"\ncpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, rounds: "
         f"{args.rounds} (A B A B, one process each), batches/measurement: {args.batches} after "
@@ -267,12 +265,12 @@ def main():
   parser.add_argument("--dmvr_src", default=None, help="DMVR source tree: compare against DMVR itself")
   parser.add_argument("--with_baseline", action="store_true",
                       help="with --dmvr_src: also run our decode-then-crop baseline step")
-  parser.add_argument("--ours_colour", default="exact", choices=["exact", "fused"],
-                      help="our colour augmentation: tf.image's HSV ops (exact) or the fused RGB map")
+  parser.add_argument("--ours_colour", nargs="+", default=["exact", "fused"], choices=["exact", "fused"],
+                      help="our colour mode(s) to measure: tf.image's HSV ops (exact), the fused RGB map")
   parser.add_argument("--batches", type=int, default=None, help="measured batches (default 30 / 12)")
   parser.add_argument("--warmup", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=None, help="default 3 (vs DMVR) / 2")
-  parser.add_argument("--worker", default=None, choices=["dmvr", "ours", "baseline"], help=argparse.SUPPRESS)
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # dmvr | ours:<colour> | baseline
   args = parser.parse_args()
   tf.io.gfile.makedirs(args.data_dir)
   against_dmvr = args.dmvr_src is not None or args.worker is not None

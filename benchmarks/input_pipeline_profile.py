@@ -29,9 +29,11 @@ from mmv_tf.data import schema  # noqa: E402
 from mmv_tf.data import text  # noqa: E402
 
 C = bench.DMVR_CONFIG
-SPEC = ({schema.CAPTION: tf.io.VarLenFeature(tf.string), schema.LABEL_INDEX: tf.io.VarLenFeature(tf.int64)},
+# What our pipeline's PARSE step reads for this configuration (pipeline.add_video/add_audio/add_text).
+SPEC = ({schema.CAPTION: tf.io.VarLenFeature(tf.string), schema.LABEL_INDEX: tf.io.VarLenFeature(tf.int64),
+         schema.SAMPLE_RATE: tf.io.VarLenFeature(tf.int64), schema.FRAME_RATE: tf.io.VarLenFeature(tf.float32)},
         {schema.IMAGE_ENCODED: tf.io.FixedLenSequenceFeature([], tf.string),
-         schema.WAVEFORM: tf.io.FixedLenSequenceFeature([], tf.float32, allow_missing=True)})
+         schema.WAVEFORM: tf.io.VarLenFeature(tf.float32)})
 
 
 def seeds(n):
@@ -44,7 +46,7 @@ def stages(*, serialized, tokenizer):
   parsed = [tf.io.parse_single_sequence_example(s, context_features=SPEC[0], sequence_features=SPEC[1])
             for s in serialized]
   jpegs = [p[1][schema.IMAGE_ENCODED][:C["num_frames"]] for p in parsed]
-  waves = [tf.reshape(p[1][schema.WAVEFORM], [-1]) for p in parsed]
+  waves = [p[1][schema.WAVEFORM].values for p in parsed]
   size = processors.jpeg_shape(jpegs[0][0])
   window = processors.random_crop_window(image_size=size, crop_size=C["crop_size"],
                                          min_resize=C["min_resize"], seed=seeds(1)[0], jitter_prob=0.0)
@@ -90,7 +92,7 @@ def stages(*, serialized, tokenizer):
        lambda w: processors.cut_waveform(w, start=4800, num_samples=C["num_samples"]), [(w,) for w in waves]),
       ("log-mel (80 bins)", lambda a: processors.log_mel_spectrogram(a, sample_rate=C["sample_rate"]),
        [(a,) for a in audio]),
-      ("tokenisation (1 caption -> 16 ids)", tokenizer.tokenize, [(c,) for c in captions]),
+      ("tokenisation (1 caption -> 16 ids)", tokenizer, [(c,) for c in captions]),
       ("batching (stack 8 clips; per clip)",
        lambda *ex: tf.nest.map_structure(lambda *t: tf.stack(t), *ex),
        [tuple(examples[i:i + step]) for i in range(0, n - step + 1, step)]),
