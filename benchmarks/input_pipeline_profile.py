@@ -9,7 +9,11 @@ everything -> resize short side -> crop, uint8 until normalisation, as DMVR's `a
 Stages are timed in alternating repeats and the median is reported. The sum is not the pipeline's
 cost: tf.data adds its own per-element work (interleave, isolation of bad records, threads).
 
+`--pipeline_ablation` instead measures the whole pipeline (`make_pretraining_dataset` of the benchmark)
+with parts switched off, CPU ms per clip; the differences are what those parts cost inside tf.data.
+
   .venv/bin/python benchmarks/input_pipeline_profile.py [--repeats 5] [--data_dir /tmp/...]
+  .venv/bin/python benchmarks/input_pipeline_profile.py --pipeline_ablation [--repeats 1] [--batches 8]
 """
 from __future__ import annotations
 
@@ -117,13 +121,49 @@ def time_stage(fn, inputs, *, per_input_clips):
   return (time.process_time() - cpu) * 1000.0 / (len(inputs) * per_input_clips)
 
 
+ABLATIONS = {
+    "full, colour exact": dict(color_mode="exact"),
+    "full, colour fused": dict(color_mode="fused"),
+    "no colour": dict(color_augmentation=False),
+    "no colour, no flip": dict(color_augmentation=False, random_flip=False),
+    "video only, no colour or flip": dict(color_augmentation=False, random_flip=False, with_audio=False,
+                                          with_text=False),
+    "audio + text only": dict(with_video=False),
+    "no bad-record isolation (skip_bad_records=False)": dict(skip_bad_records=False),
+}
+
+
+def pipeline_ablation(*, pattern, vocab_path, repeats, batches):
+  times = {name: [] for name in ABLATIONS}
+  for _ in range(repeats):
+    for name, flags in ABLATIONS.items():
+      ds = bench.make(pattern=pattern, vocab=vocab_path, baseline=False, batch_size=C["batch_size"],
+                      num_frames=C["num_frames"], stride=1, crop_size=C["crop_size"],
+                      min_resize=C["min_resize"], num_captions=1, max_tokens=C["max_tokens"],
+                      sample_rate=C["sample_rate"], num_audio_samples=C["num_samples"], scale_jitter=False,
+                      seed=None, **flags)
+      _, clips_per_cpu_s = bench.measure(ds, batches=batches, batch_size=C["batch_size"], warmup=4)
+      times[name].append(1000.0 / clips_per_cpu_s)
+  print(f"cpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, "
+        f"repeats: {repeats} (median), {batches} batches each")
+  print("| pipeline | CPU ms per clip |")
+  print("|---|---|")
+  for name in ABLATIONS:
+    print(f"| {name} | {np.median(times[name]):.1f} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default="/tmp/mmv_tf_bench_input_pipeline")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--pipeline_ablation", action="store_true")
+  parser.add_argument("--batches", type=int, default=8, help="with --pipeline_ablation")
   args = parser.parse_args()
   tf.io.gfile.makedirs(args.data_dir)
   pattern, vocab_path = bench.write_dmvr_layout(args.data_dir)
+  if args.pipeline_ablation:
+    pipeline_ablation(pattern=pattern, vocab_path=vocab_path, repeats=args.repeats, batches=args.batches)
+    return
   serialized = [r for f in sorted(tf.io.gfile.glob(pattern)) for r in tf.data.TFRecordDataset(f)]
   tokenizer = text.WordTokenizer(vocabulary=vocab_path, max_tokens=C["max_tokens"])
   table = stages(serialized=serialized, tokenizer=tokenizer)
