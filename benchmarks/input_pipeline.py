@@ -1,19 +1,35 @@
-"""Input-pipeline throughput (clips/s): the fused pipeline vs a straightforward decode-everything baseline.
+"""Input-pipeline throughput (clips/s): mmv_tf against DMVR itself, and against our own baseline.
 
-MMV training configuration: 32 frames @ 10 fps from 256-px (455x256) JPEGs -> 200x200 crops (min side
-224, scale jitter, flip, colour), 3.2 s of 48 kHz audio -> log-mel [150,80,1], 2 captions of 16 tokens,
-batch 8. The baseline is the same `ClipProcessor` with the `decode_frames` step replaced by what a
-straightforward implementation does (DMVR's order): decode every sampled frame in full, resize the short
-side to 224, scale-jitter by resizing again, then random-crop 200. Both run in the same process, in
-alternating rounds; the best round of each is reported. Also measures the tiny CPU-demo configuration.
+**Against DMVR** (`--dmvr_src DIR`, a DMVR source tree; DMVR is not a dependency, it is imported from
+that path, with a stand-in for the `clip` tokenizer module it imports at the top). The benchmark
+writes records in DMVR's layout (64 clips of 10 s at 10 fps, 340x256 JPEG frames at quality 90, 48 kHz
+audio, 1-3 captions each) and runs the MMV training configuration (issue #17): 32 frames x 200^2 crops
+after resizing the short side to 224, random flip, DMVR's `color_default_augm`, 3.2 s of audio ->
+80-bin log-mel, one caption -> 16 tokens, batch 8, shuffled. DMVR is `modalities.add_image /
+add_audio / add_spectrogram / add_text` + `processors.color_default_augm` with its default tuning;
+ours is `make_pretraining_dataset(..., scale_jitter=False)` (DMVR's `add_image` has no scale jitter).
+Each measurement runs in its own process; the systems alternate A B A B for `--rounds` rounds and the
+medians are reported, wall clips/s and clips per CPU-second of the process, with their ratios.
 
-  .venv/bin/python benchmarks/input_pipeline.py [--batches 12] [--rounds 2] [--data_dir /tmp/...]
+  .venv/bin/python benchmarks/input_pipeline.py --dmvr_src /tmp/dmvr_src [--rounds 3] [--batches 30]
+      [--ours_colour exact fused] [--with_baseline]
+
+**Built-in baseline** (no `--dmvr_src`, or `--with_baseline`): OUR pipeline with its `decode_frames`
+step replaced by decode-everything -> resize short side -> scale-jitter resize -> random crop (DMVR's
+order, but our ops and tf.data structure; it is slower than DMVR itself, so do not read it as DMVR).
+Without `--dmvr_src` it runs in one process on 455x256 records with scale jitter, best round reported,
+plus the tiny CPU-demo configuration.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -28,12 +44,12 @@ CAPTIONS = ["now we add the flour and mix it well", "cut the wood along the line
             "then you tighten the screw", "the dog runs across the garden"]
 
 
-def write_data(*, directory, num_records, num_frames, height, width, seconds, sample_rate, prefix):
+def write_data(*, directory, num_records, num_frames, height, width, seconds, sample_rate, prefix,
+               num_shards=4, captions_for=lambda r: CAPTIONS[r % 4:r % 4 + 2]):
   pattern = os.path.join(directory, f"{prefix}-*.tfrecord")
   if tf.io.gfile.glob(pattern):
     return pattern
   rng = np.random.default_rng(0)
-  num_shards = 4
   for s in range(num_shards):
     with records.AtomicShardWriter(records.shard_path(directory, prefix, s, num_shards)) as writer:
       for r in range(num_records // num_shards):
@@ -44,13 +60,13 @@ def write_data(*, directory, num_records, num_frames, height, width, seconds, sa
           img = scene[:, i * 2:i * 2 + width] + rng.normal(0, 6, (height, width, 3))
           frames.append(tf.io.encode_jpeg(np.clip(img, 0, 255).astype(np.uint8), quality=90).numpy())
         wave = (0.1 * rng.standard_normal(int(seconds * sample_rate))).astype(np.float32)
-        clip = records.Clip(jpeg_frames=frames, waveform=wave, captions=CAPTIONS[r % 4:r % 4 + 2],
+        clip = records.Clip(jpeg_frames=frames, waveform=wave, captions=captions_for(s * (num_records // num_shards) + r),
                             label_indices=[r % 10], sample_rate=sample_rate)
         writer.write(records.clip_to_sequence_example(clip).SerializeToString())
   return pattern
 
 
-def naive_decode(*, crop_size, min_resize):
+def naive_decode(*, crop_size, min_resize, scale_jitter=True):
   """Baseline DECODE step: full decode -> resize_smallest -> scale jitter resize -> random crop."""
 
   def decode(feats, state):
@@ -58,7 +74,7 @@ def naive_decode(*, crop_size, min_resize):
     frames = processors.resize_smallest(frames, min_resize=min_resize)
     s_apply, s_factors, s_crop = tf.unstack(processors.split_seed(pipeline.sub_seed(state, "naive"), 3))
     factors = tf.random.stateless_uniform([2], seed=s_factors, minval=0.8, maxval=1.2)
-    apply = tf.random.stateless_uniform([], seed=s_apply) < processors.SCALE_JITTER_PROB
+    apply = tf.random.stateless_uniform([], seed=s_apply) < (processors.SCALE_JITTER_PROB if scale_jitter else 0.0)
     size = tf.cast(tf.shape(frames)[1:3], tf.float32) * tf.where(apply, factors, tf.ones([2]))
     size = tf.maximum(tf.cast(size, tf.int32), crop_size)
     frames = tf.image.resize(frames, size)
@@ -71,13 +87,14 @@ def naive_decode(*, crop_size, min_resize):
 def make(*, pattern, vocab, baseline, batch_size, **kwargs):
   def swap_decoder(proc):  # same pipeline, DECODE step replaced by name
     proc.replace_fn("decode_frames", naive_decode(crop_size=kwargs["crop_size"],
-                                                  min_resize=kwargs["min_resize"]))
+                                                  min_resize=kwargs["min_resize"],
+                                                  scale_jitter=kwargs.get("scale_jitter", True)))
 
   return pipeline.make_pretraining_dataset(file_patterns=pattern, vocabulary=vocab, batch_size=batch_size,
-                                           seed=0, customize=swap_decoder if baseline else None, **kwargs)
+                                           customize=swap_decoder if baseline else None, **kwargs)
 
 
-def measure(ds, *, batches, warmup=3):
+def measure(ds, *, batches, batch_size, warmup=3):
   """(clips per wall second, clips per CPU second of this process).
 
   On a shared machine wall time depends on the other processes; CPU time of this process does not (much),
@@ -89,17 +106,128 @@ def measure(ds, *, batches, warmup=3):
   wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     batch = next(it)
-  clips = batches * int(batch[F.LABEL].shape[0])
+  del batch
+  clips = batches * batch_size
   return clips / (time.perf_counter() - wall), clips / (time.process_time() - cpu)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data_dir", default="/tmp/mmv_tf_bench_input_pipeline")
-  parser.add_argument("--batches", type=int, default=12)
-  parser.add_argument("--rounds", type=int, default=2)
-  args = parser.parse_args()
-  tf.io.gfile.makedirs(args.data_dir)
+# ----------------------------------------------------------------------------------------------------
+# Against DMVR itself (issue #17): DMVR-layout records, the MMV training configuration, one process per
+# measurement, systems alternating.
+
+DMVR_CONFIG = dict(batch_size=8, num_frames=32, crop_size=200, min_resize=224, num_samples=153600,
+                   sample_rate=48000, num_mel_bins=80, max_tokens=16)
+
+
+def write_dmvr_layout(directory):
+  """64 clips of 10 s at 10 fps, 340x256 JPEG q90, 48 kHz audio, 1-3 captions (8 shards); cached."""
+  pattern = write_data(directory=directory, num_records=64, num_frames=100, height=256, width=340,
+                       seconds=10.0, sample_rate=48000, prefix="dmvr", num_shards=8,
+                       captions_for=lambda r: [CAPTIONS[(r + k) % 4] for k in range(1 + r % 3)])
+  vocab_path = os.path.join(directory, "dmvr_vocab.txt")
+  if not tf.io.gfile.exists(vocab_path):
+    text.write_vocabulary(vocab_path, text.build_vocabulary(captions=CAPTIONS))
+  return pattern, vocab_path
+
+
+def import_dmvr(dmvr_src):
+  """Imports DMVR from a source tree. Its `tokenizers` module imports OpenAI's `clip` package at the top
+  (only its CLIP tokenizer uses it; this configuration uses `WordTokenizer`): an empty stand-in module
+  is registered when `clip` is not installed."""
+  if not os.path.isfile(os.path.join(dmvr_src, "dmvr", "modalities.py")):
+    raise ValueError(f"--dmvr_src {dmvr_src!r}: no dmvr/modalities.py there (give the source tree root)")
+  sys.path.insert(0, os.path.abspath(dmvr_src))
+  if importlib.util.find_spec("clip") is None:
+    clip = types.ModuleType("clip")
+    clip.simple_tokenizer = types.ModuleType("clip.simple_tokenizer")
+    sys.modules.update({"clip": clip, "clip.simple_tokenizer": clip.simple_tokenizer})
+  from dmvr import builders, modalities, processors as dmvr_processors, tokenizers, video_dataset
+  return builders, modalities, dmvr_processors, tokenizers, video_dataset
+
+
+def dmvr_dataset(*, dmvr_src, pattern, vocab_path):
+  """DMVR's own MMV-style training pipeline (as in its examples/linear_mmv_hmdb.py, training mode)."""
+  builders, modalities, dmvr_processors, tokenizers, video_dataset = import_dmvr(dmvr_src)
+  c = DMVR_CONFIG
+
+  class Factory(video_dataset.BaseVideoDatasetFactory):
+
+    def _build(self, tokenizer):
+      modalities.add_image(self.parser_builder, self.sampler_builder, self.decoder_builder,
+                           self.preprocessor_builder, self.postprocessor_builder, is_training=True,
+                           num_frames=c["num_frames"], stride=1, min_resize=c["min_resize"],
+                           crop_size=c["crop_size"], random_flip=True)
+      self.preprocessor_builder.add_fn(
+          lambda x: dmvr_processors.color_default_augm(x, zero_centering_image=False,
+                                                       prob_color_augment=0.8, prob_color_drop=0.0),
+          feature_name=builders.IMAGE_FEATURE_NAME, fn_name="color_default_augm")
+      modalities.add_audio(self.parser_builder, self.sampler_builder, self.postprocessor_builder,
+                           preprocessor_builder=self.preprocessor_builder, is_training=True,
+                           num_samples=c["num_samples"], sample_rate=c["sample_rate"])
+      modalities.add_spectrogram(self.preprocessor_builder, self.postprocessor_builder, is_training=True,
+                                 sample_rate=c["sample_rate"], num_features=c["num_mel_bins"])
+      modalities.add_text(self.parser_builder, self.decoder_builder, self.preprocessor_builder,
+                          tokenizer, is_training=True, max_num_captions=1, max_num_tokens=c["max_tokens"])
+
+  tokenizer = tokenizers.WordTokenizer(vocab_path)
+  tokenizer.initialize()
+  factory = Factory(sorted(tf.io.gfile.glob(pattern))).configure(tokenizer=tokenizer)
+  return factory.make_dataset(shuffle=True, batch_size=c["batch_size"])
+
+
+def ours_dataset(*, pattern, vocab_path, colour, baseline=False):
+  c = DMVR_CONFIG
+  return make(pattern=pattern, vocab=vocab_path, baseline=baseline, batch_size=c["batch_size"],
+              num_frames=c["num_frames"], stride=1, crop_size=c["crop_size"], min_resize=c["min_resize"],
+              num_captions=1, max_tokens=c["max_tokens"], sample_rate=c["sample_rate"],
+              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, color_mode=colour)
+
+
+def run_worker(args):
+  """One measurement in this process; prints one JSON line."""
+  pattern, vocab_path = write_dmvr_layout(args.data_dir)
+  if args.worker == "dmvr":
+    ds = dmvr_dataset(dmvr_src=args.dmvr_src, pattern=pattern, vocab_path=vocab_path)
+  else:
+    system, _, colour = args.worker.partition(":")
+    ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=colour or "exact",
+                      baseline=system == "baseline")
+  wall, cpu = measure(ds, batches=args.batches, warmup=args.warmup, batch_size=DMVR_CONFIG["batch_size"])
+  print("RESULT " + json.dumps({"system": args.worker, "wall": wall, "cpu": cpu}), flush=True)
+
+
+def run_against_dmvr(args):
+  write_dmvr_layout(args.data_dir)  # once, before any timing
+  systems = ["dmvr"] + [f"ours:{c}" for c in args.ours_colour] + (["baseline"] if args.with_baseline else [])
+  results = {s: [] for s in systems}
+  for r in range(args.rounds):
+    for system in systems:
+      cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--data_dir", args.data_dir,
+             "--batches", str(args.batches), "--warmup", str(args.warmup)]
+      if args.dmvr_src:
+        cmd += ["--dmvr_src", args.dmvr_src]
+      out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+      res = json.loads(out.split("RESULT ", 1)[1])
+      results[system].append((res["wall"], res["cpu"]))
+      print(f"round {r + 1} {system}: {res['wall']:.1f} clips/s, {res['cpu']:.2f} clips/CPU-s, "
+            f"load {os.getloadavg()[0]:.1f}", flush=True)
+  labels = {"dmvr": "DMVR (add_image/add_audio/add_spectrogram/add_text + color_default_augm)",
+            "baseline": "mmv_tf with our decode-then-crop baseline step (not DMVR), colour exact"}
+  labels.update({f"ours:{c}": f"mmv_tf (make_pretraining_dataset, scale_jitter=False, color_mode={c})"
+                 for c in args.ours_colour})
+  med = {s: tuple(float(np.median([v[i] for v in results[s]])) for i in range(2)) for s in systems}
+  print(f"\ncpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, rounds: "
+        f"{args.rounds} (A B A B, one process each), batches/measurement: {args.batches} after "
+        f"{args.warmup} warm-up; medians")
+  print("| pipeline | clips/s (wall) | clips per CPU-second | vs DMVR (wall) | vs DMVR (CPU) |")
+  print("|---|---|---|---|---|")
+  for s in systems:
+    w, c = med[s]
+    print(f"| {labels[s]} | {w:.1f} | {c:.2f} | {w / med['dmvr'][0]:.2f}x | {c / med['dmvr'][1]:.2f}x |")
+
+
+def run_builtin_baseline(args):
+  """Our pipeline vs our decode-then-crop baseline step, in one process (best round)."""
   vocab = text.build_vocabulary(captions=CAPTIONS)
   configs = {
       "MMV (32x200^2 from 455x256, 3.2 s log-mel, batch 8)": dict(
@@ -117,17 +245,43 @@ def main():
   for _ in range(args.rounds):
     for name, cfg in configs.items():
       for baseline in (True, False):
-        rates = measure(make(vocab=vocab, baseline=baseline, **cfg), batches=args.batches)
+        rates = measure(make(vocab=vocab, baseline=baseline, seed=0, **cfg), batches=args.batches,
+                        batch_size=cfg["batch_size"])
         key = (name, baseline)
         results[key] = tuple(max(a, b) for a, b in zip(results.get(key, (0.0, 0.0)), rates))
   print(f"cpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, "
         f"rounds: {args.rounds}, batches/round: {args.batches} (best round)")
-  print("| configuration | baseline clips/s (wall) | mmv_tf clips/s (wall) | speed-up (wall) "
-        "| baseline clips/CPU-s | mmv_tf clips/CPU-s | speed-up (CPU) |")
+  print("| configuration | our baseline step clips/s (wall) | mmv_tf clips/s (wall) | speed-up (wall) "
+        "| our baseline step clips/CPU-s | mmv_tf clips/CPU-s | speed-up (CPU) |")
   print("|---|---|---|---|---|---|---|")
   for name in configs:
     (bw, bc), (ow, oc) = results[(name, True)], results[(name, False)]
     print(f"| {name} | {bw:.1f} | {ow:.1f} | {ow / bw:.2f}x | {bc:.2f} | {oc:.2f} | {oc / bc:.2f}x |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", default="/tmp/mmv_tf_bench_input_pipeline")
+  parser.add_argument("--dmvr_src", default=None, help="DMVR source tree: compare against DMVR itself")
+  parser.add_argument("--with_baseline", action="store_true",
+                      help="with --dmvr_src: also run our decode-then-crop baseline step")
+  parser.add_argument("--ours_colour", nargs="+", default=["exact", "fused"], choices=["exact", "fused"],
+                      help="our colour mode(s) to measure: tf.image's HSV ops (exact), the fused RGB map")
+  parser.add_argument("--batches", type=int, default=None, help="measured batches (default 30 / 12)")
+  parser.add_argument("--warmup", type=int, default=8)
+  parser.add_argument("--rounds", type=int, default=None, help="default 3 (vs DMVR) / 2")
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # dmvr | ours:<colour> | baseline
+  args = parser.parse_args()
+  tf.io.gfile.makedirs(args.data_dir)
+  against_dmvr = args.dmvr_src is not None or args.worker is not None
+  args.batches = args.batches or (30 if against_dmvr else 12)
+  args.rounds = args.rounds or (3 if against_dmvr else 2)
+  if args.worker:
+    run_worker(args)
+  elif args.dmvr_src:
+    run_against_dmvr(args)
+  else:
+    run_builtin_baseline(args)
 
 
 if __name__ == "__main__":

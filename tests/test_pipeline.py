@@ -121,6 +121,27 @@ def test_training_is_deterministic_given_seed(data_dir):
   assert not all(np.array_equal(x[F.VIDEO], y[F.VIDEO]) for x, y in zip(a, c))
 
 
+def test_fused_colour_mode_makes_the_same_choices_as_exact(data_dir):
+  """Grey frames: saturation and hue change nothing in either colour mode, so the same seed must give
+  the same batches (same crop, flip, brightness and contrast draws; normalisation folded in)."""
+  def first(color_mode):
+    ds = pipeline.make_pretraining_dataset(
+        file_patterns=os.path.join(data_dir, "d-*"), batch_size=4, vocabulary=VOCAB, seed=3,
+        color_mode=color_mode, **SMALL)
+    return [tf.nest.map_structure(lambda t: t.numpy(), b) for b in ds.take(2)]
+
+  exact, fused = first("exact"), first("fused")
+  for x, y in zip(exact, fused):
+    np.testing.assert_allclose(y[F.VIDEO], x[F.VIDEO], atol=1e-4)
+    assert not np.allclose(x[F.VIDEO], np.round(x[F.VIDEO] * 255 / 10) * 10 / 255, atol=1e-3)  # augmented
+    for key in x:
+      if key != F.VIDEO:
+        np.testing.assert_array_equal(x[key], y[key])
+  with pytest.raises(ValueError, match="color_mode"):
+    pipeline.make_pretraining_dataset(file_patterns=os.path.join(data_dir, "d-*"), batch_size=4,
+                                      vocabulary=VOCAB, color_mode="hsv", **SMALL)
+
+
 def test_eval_multi_clip_central_crop_and_captions(data_dir):
   ds = pipeline.make_eval_dataset(
       file_patterns=os.path.join(data_dir, "d-*"), batch_size=3, vocabulary=VOCAB, num_test_clips=3,

@@ -173,6 +173,66 @@ def test_color_augment_shares_factors_across_frames_and_respects_prob():
   np.testing.assert_allclose(gray[..., 0], gray[..., 1])
 
 
+def fused_colour_reference(frames, *, delta_b, f_s, f_c, delta_h, input_scale=1.0):
+  """NumPy, one op after another (no composed matrix): brightness, luma-blend saturation, contrast
+  around each frame's channel means, rotation about the grey axis (Rodrigues), clip."""
+  x = frames.astype(np.float64) * input_scale + delta_b
+  grey = x @ np.array(P.LUMA_WEIGHTS)
+  x = grey[..., None] + f_s * (x - grey[..., None])
+  mean = x.mean(axis=(-3, -2), keepdims=True)
+  x = mean + f_c * (x - mean)
+  u = np.ones(3) / np.sqrt(3.0)
+  theta = 2 * np.pi * delta_h
+  # Rodrigues: v cos + (u x v) sin + u (u.v)(1 - cos)
+  x = (x * np.cos(theta) + np.cross(u, x) * np.sin(theta)
+       + (x @ u)[..., None] * u * (1 - np.cos(theta)))
+  return np.clip(x, 0.0, 1.0)
+
+
+def test_fused_color_augment_matches_numpy_reference():
+  rng = np.random.default_rng(4)
+  pixels = rng.uniform(0, 255, (3, 5, 6, 3)).astype(np.float32)  # resized uint8 values
+  for s in range(6):
+    seed = tf.constant([s, 9], tf.int64)
+    apply, *factors = (float(v) for v in P.color_factors(seed))
+    out = assert_same_both_ways(lambda f: P.fused_color_augment(f, seed=seed, input_scale=1 / 255),
+                                tf.constant(pixels))
+    if apply:
+      delta_b, f_s, f_c, delta_h = factors
+      expected = fused_colour_reference(pixels, delta_b=delta_b, f_s=f_s, f_c=f_c, delta_h=delta_h,
+                                        input_scale=1 / 255)
+    else:
+      expected = pixels / 255
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def test_fused_color_augment_invariants():
+  rng = np.random.default_rng(5)
+  grey = np.repeat(rng.uniform(0.2, 0.8, (3, 4, 5, 1)), 3, -1).astype(np.float32)
+  colour = rng.uniform(0, 1, (3, 4, 5, 3)).astype(np.float32)
+  for s in range(8):
+    seed = tf.constant([s, 3], tf.int64)
+    # Same random choices as the exact mode: on grey clips (saturation and hue do nothing in either
+    # mode) both modes give the same result for the same seed.
+    np.testing.assert_allclose(P.fused_color_augment(grey, seed=seed).numpy(),
+                               P.color_augment(grey, seed=seed).numpy(), atol=5e-5)
+    # One colour map per clip: identical frames stay identical.
+    same = P.fused_color_augment(np.stack([colour[0]] * 3), seed=seed).numpy()
+    np.testing.assert_allclose(same[0], same[2], atol=1e-6)
+  # A third of a turn of hue permutes R -> G -> B exactly as tf.image's HSV shift does.
+  np.testing.assert_allclose(colour @ P.hue_matrix(1 / 3).numpy().T,
+                             tf.image.adjust_hue(colour, 1 / 3).numpy(), atol=1e-5)
+  # Rotation keeps the grey axis; the saturation blend keeps luma.
+  np.testing.assert_allclose(P.hue_matrix(0.13).numpy() @ np.ones(3), np.ones(3), atol=1e-6)
+  np.testing.assert_allclose(np.array(P.LUMA_WEIGHTS) @ P.saturation_matrix(1.3).numpy(),
+                             np.array(P.LUMA_WEIGHTS), atol=1e-6)
+  # Not applied: only the input scale (and the final clip).
+  np.testing.assert_allclose(P.fused_color_augment(colour * 255, seed=SEED, prob=0.0,
+                                                   input_scale=1 / 255).numpy(), colour, atol=1e-6)
+  gray = P.fused_color_augment(colour, seed=SEED, prob=0.0, color_drop_prob=1.0).numpy()
+  np.testing.assert_allclose(gray[..., 0], gray[..., 2])
+
+
 def test_space_to_depth_matches_reference_formula():
   x = np.random.default_rng(2).normal(size=(2, 4, 6, 8, 3)).astype(np.float32)
   y = assert_same_both_ways(P.space_to_depth, tf.constant(x))

@@ -185,7 +185,7 @@ def _view_names(name: str, default: str):
 def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride: int = 1,
               crop_size: int = 200, min_resize: Optional[int] = 224, num_test_clips: int = 1,
               random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
-              color_drop_prob: float = 0.0, space_to_depth: bool = False,
+              color_drop_prob: float = 0.0, color_mode: str = "exact", space_to_depth: bool = False,
               frame_rate: float = schema.DEFAULT_FPS, name: str = F.VIDEO,
               start_with: Optional[str] = None, loop_short_clips: bool = False) -> None:
   """Frames: sample -> fused decode-and-crop -> resize to `crop_size` -> [0,1] -> flip/colour.
@@ -199,7 +199,13 @@ def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride
   augmentations, drawn independently). `start_with=OTHER` starts this view at OTHER's first frame
   (synchronised starts: OTHER must be added first); `loop_short_clips` repeats a clip shorter than the
   view's span instead of rejecting it (sequence extension).
+
+  `color_mode`: "exact" (tf.image's HSV-based ops, DMVR's `color_default_augm`) or "fused" (one affine
+  colour map per frame, `processors.fused_color_augment`: same random choices, faster, saturation and
+  hue approximated linearly; docs/pipeline.md "Colour modes").
   """
+  if color_mode not in processors.COLOR_MODES:
+    raise ValueError(f"color_mode must be one of {processors.COLOR_MODES}, got {color_mode!r}")
   proc.parse_feature(schema.IMAGE_ENCODED, tf.io.FixedLenSequenceFeature([], tf.string),
                      is_context=False)
   proc.parse_feature(schema.FRAME_RATE, tf.io.VarLenFeature(tf.float32), is_context=True)
@@ -249,12 +255,18 @@ def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride
     return feats
 
   def augment(feats, state):
-    video = processors.normalize_image(feats[name])
+    video = feats[name]  # float32 in [0, 255]
     if is_training and random_flip:
       video = processors.random_flip_left_right(video, seed=sub_seed(state, named("flip")))
-    if is_training and color_augmentation:
-      video = processors.color_augment(video, seed=sub_seed(state, named("color")),
+    if is_training and color_augmentation and color_mode == "fused":
+      # One pass from resized pixel values to augmented [0,1] values (normalisation folded in).
+      video = processors.fused_color_augment(video, seed=sub_seed(state, named("color")),
+                                             input_scale=1.0 / 255.0, color_drop_prob=color_drop_prob)
+    elif is_training and color_augmentation:
+      video = processors.color_augment(processors.normalize_image(video), seed=sub_seed(state, named("color")),
                                        color_drop_prob=color_drop_prob)
+    else:
+      video = processors.normalize_image(video)
     shape = [num_frames, crop_size, crop_size, 3]
     feats[name] = tf.reshape(video, shape if is_training else [clips] + shape)
     return feats
@@ -393,7 +405,8 @@ def spec_from_flags(*, num_frames: int = 32, stride: int = 1, crop_size: int = 2
                     with_video: bool = True, with_audio: bool = True, with_log_mel: bool = True,
                     with_waveform: bool = False, with_text: bool = True, with_label: bool = True,
                     random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
-                    color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
+                    color_drop_prob: float = 0.0, color_mode: str = "exact", spec_augment: bool = False,
+                    space_to_depth: bool = False,
                     log_mel_settings: Optional[Mapping[str, float]] = None) -> views_lib.PipelineSpec:
   """The one-video / one-audio / one-text `PipelineSpec` the flag arguments describe (MMV's recipe)."""
   v: list = []
@@ -401,7 +414,7 @@ def spec_from_flags(*, num_frames: int = 32, stride: int = 1, crop_size: int = 2
     v.append(views_lib.VideoView(num_frames=num_frames, stride=stride, crop_size=crop_size, min_resize=min_resize,
                                  random_flip=random_flip, color_augmentation=color_augmentation,
                                  scale_jitter=scale_jitter, color_drop_prob=color_drop_prob,
-                                 space_to_depth=space_to_depth))
+                                 color_mode=color_mode, space_to_depth=space_to_depth))
   if with_audio and (with_log_mel or with_waveform):
     if num_audio_samples is None:
       num_audio_samples = default_num_audio_samples(num_frames=num_frames, stride=stride,
@@ -573,7 +586,8 @@ def make_pretraining_dataset(
     with_waveform: bool = False, with_text: bool = True,
     sample_rate: int = schema.DEFAULT_SAMPLE_RATE, num_audio_samples: Optional[int] = None,
     random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
-    color_drop_prob: float = 0.0, spec_augment: bool = False, space_to_depth: bool = False,
+    color_drop_prob: float = 0.0, color_mode: str = "exact", spec_augment: bool = False,
+    space_to_depth: bool = False,
     log_mel_settings: Optional[Mapping[str, float]] = None, spec: Optional[views_lib.PipelineSpec] = None,
     seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
@@ -616,8 +630,8 @@ def make_pretraining_dataset(
         num_captions=num_captions, max_tokens=max_tokens, with_video=with_video, with_audio=with_audio,
         with_log_mel=with_log_mel, with_waveform=with_waveform, with_text=with_text,
         random_flip=random_flip, color_augmentation=color_augmentation, scale_jitter=scale_jitter,
-        color_drop_prob=color_drop_prob, spec_augment=spec_augment, space_to_depth=space_to_depth,
-        log_mel_settings=log_mel_settings)
+        color_drop_prob=color_drop_prob, color_mode=color_mode, spec_augment=spec_augment,
+        space_to_depth=space_to_depth, log_mel_settings=log_mel_settings)
   processor = views_lib.build_processor(spec, is_training=True, tokenizer=_spec_tokenizer(spec, vocabulary, tokenizer))
   if customize is not None:
     customize(processor)

@@ -230,6 +230,79 @@ def color_augment(frames, *, seed, prob: float = COLOR_AUGMENT_PROB,
   return frames
 
 
+COLOR_MODES = ("exact", "fused")
+# tf.image.rgb_to_grayscale's weights (ITU-R BT.601 luma), scaled to sum to 1 so grey stays grey.
+LUMA_WEIGHTS = tuple(w / 0.9999 for w in (0.2989, 0.5870, 0.1140))
+
+
+def color_factors(seed, *, prob: float = COLOR_AUGMENT_PROB, brightness: float = BRIGHTNESS_MAX_DELTA,
+                  saturation: Tuple[float, float] = SATURATION_RANGE,
+                  contrast: Tuple[float, float] = CONTRAST_RANGE, hue: float = HUE_MAX_DELTA):
+  """The per-clip draws of `color_augment` for `seed`: (apply, brightness delta, saturation factor,
+  contrast factor, hue delta), each drawn from the same sub-seed and distribution as the stateless
+  tf.image op `color_augment` calls, so both colour modes make identical random choices."""
+  s_apply, s_b, s_s, s_c, s_h, _ = tf.unstack(split_seed(seed, 6))
+  uniform = lambda s, lo, hi: tf.random.stateless_uniform([], seed=s, minval=lo, maxval=hi)
+  apply = tf.random.stateless_uniform([], seed=s_apply) < prob
+  return (apply, uniform(s_b, -brightness, brightness), uniform(s_s, *saturation),
+          uniform(s_c, *contrast), uniform(s_h, -hue, hue))
+
+
+def saturation_matrix(factor) -> tf.Tensor:
+  """3x3 RGB map that moves each colour towards (factor < 1) or away from its luma grey (fused mode)."""
+  factor = tf.cast(factor, tf.float32)
+  to_grey = tf.ones([3, 1]) * tf.constant([LUMA_WEIGHTS], tf.float32)
+  return factor * tf.eye(3) + (1.0 - factor) * to_grey
+
+
+def hue_matrix(delta) -> tf.Tensor:
+  """3x3 rotation about the grey axis (1,1,1) by 2*pi*delta (Rodrigues), the linear stand-in for an
+  HSV hue shift of `delta` turns (fused mode): positive turns go red -> green -> blue, as in HSV, and
+  a third of a turn permutes the channels exactly as the HSV shift does."""
+  theta = 2.0 * 3.141592653589793 * tf.cast(delta, tf.float32)
+  axis = tf.ones([3, 1]) / 3.0 ** 0.5
+  cross = tf.constant([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / 3.0 ** 0.5
+  return (tf.cos(theta) * tf.eye(3) + tf.sin(theta) * cross
+          + (1.0 - tf.cos(theta)) * tf.matmul(axis, axis, transpose_b=True))
+
+
+def fused_color_augment(frames, *, seed, input_scale: float = 1.0, prob: float = COLOR_AUGMENT_PROB,
+                        brightness: float = BRIGHTNESS_MAX_DELTA,
+                        saturation: Tuple[float, float] = SATURATION_RANGE,
+                        contrast: Tuple[float, float] = CONTRAST_RANGE,
+                        hue: float = HUE_MAX_DELTA, color_drop_prob: float = 0.0) -> tf.Tensor:
+  """`color_augment` as one affine colour map per frame: [T,H,W,3] float -> float32 in [0,1].
+
+  Same random choices as `color_augment` (`color_factors`); brightness and contrast are the same
+  affine maps as tf.image's, but saturation is a blend with the luma grey (`saturation_matrix`) and
+  hue a rotation about the grey axis (`hue_matrix`) instead of tf.image's HSV round trips
+  (docs/pipeline.md, "Colour modes", says where the results differ). Composed, brightness ->
+  saturation -> contrast -> hue is `x -> A x + c_t` with one 3x3 `A` per clip and an offset `c_t` per
+  frame (contrast pulls towards each frame's mean colour, as tf.image.adjust_contrast does), applied
+  in one pass and clipped to [0,1] once. `input_scale` is folded into `A`: 1/255 takes resized uint8
+  values directly, so no separate normalisation pass is needed. Not applied (prob): `input_scale * x`.
+  """
+  apply, delta_b, f_s, f_c, delta_h = color_factors(seed, prob=prob, brightness=brightness,
+                                                    saturation=saturation, contrast=contrast, hue=hue)
+  delta_b, f_s, f_c, delta_h = (tf.where(apply, v, tf.constant(identity, tf.float32))
+                                for v, identity in ((delta_b, 0.0), (f_s, 1.0), (f_c, 1.0), (delta_h, 0.0)))
+  frames = tf.cast(frames, tf.float32)
+  hs = tf.matmul(hue_matrix(delta_h), saturation_matrix(f_s))
+  # y = f_c * HS x + HS (b + (1 - f_c) * mean_t(x)): brightness, then contrast around the frame mean
+  # of the brightened, saturated frame (= HS applied to the mean of the brightened frame).
+  means = tf.reduce_mean(frames, axis=[-3, -2]) * input_scale  # [T,3]
+  offsets = tf.matmul(delta_b + (1.0 - f_c) * means, hs, transpose_b=True)  # [T,3]
+  matrix = f_c * input_scale * hs
+  out = tf.einsum("...hwc,dc->...hwd", frames, matrix) + offsets[..., None, None, :]
+  out = tf.clip_by_value(out, 0.0, 1.0)
+  if color_drop_prob > 0:
+    s_drop = split_seed(seed, 6)[5]
+    drop = tf.random.stateless_uniform([], seed=s_drop) < color_drop_prob
+    gray = lambda: tf.tile(tf.image.rgb_to_grayscale(out), [1] * (out.shape.rank - 1) + [3])
+    out = tf.cond(drop, gray, lambda: tf.identity(out))
+  return out
+
+
 def space_to_depth(frames, *, temporal_block: int = 2, spatial_block: int = 2) -> tf.Tensor:
   """[..., T,H,W,C] -> [..., T/bt, H/bs, W/bs, bt*bs*bs*C] with channel ((dt*bs + dh)*bs + dw)*C + c:
 

@@ -37,6 +37,7 @@ class VideoView:
   color_augmentation: bool = True
   scale_jitter: bool = True
   color_drop_prob: float = 0.0
+  color_mode: str = "exact"
   space_to_depth: bool = False
   start_with: Optional[str] = None
   loop_short_clips: bool = False
