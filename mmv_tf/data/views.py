@@ -47,6 +47,11 @@ class VideoView:
     return (self.num_frames - 1) * self.stride + 1
 
 
+# The VideoView fields a training run sets (its data options, `train.data_config`), not the model's
+# preprocessing: the families pass these through from the run's options.
+VIDEO_RUN_OPTIONS = ("random_flip", "color_augmentation", "scale_jitter", "color_drop_prob", "color_mode")
+
+
 @dataclasses.dataclass(frozen=True)
 class LogMel:
   """Spectrogram settings (`processors.log_mel_spectrogram`); the defaults are MMV's / DMVR's."""

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 
+from mmv_tf.data import views
 from mmv_tf.families.base import Family
 from mmv_tf.families.mmv import model as mmv_model
 
@@ -20,7 +21,7 @@ _PREPROCESSING_OPTIONS = ("num_frames", "stride", "crop_size", "min_resize", "ma
                           "space_to_depth", "frame_length", "frame_step", "num_mel_bins", "lower_edge_hertz",
                           "upper_edge_hertz")
 # Run options that configure a view rather than the dataset.
-_VIDEO_OPTIONS = ("random_flip", "color_augmentation", "scale_jitter", "color_drop_prob")
+_VIDEO_OPTIONS = views.VIDEO_RUN_OPTIONS
 _AUDIO_OPTIONS = ("spec_augment",)
 _TEXT_OPTIONS = ("num_captions",)
 
@@ -28,7 +29,6 @@ _TEXT_OPTIONS = ("num_captions",)
 def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
   """MMV's views of a clip: frames, the log-mel of the same time span, K captions (Alayrac et al. 2020,
   section 4.1), all sizes from the model's `preprocessing`, augmentations from the run's `options`."""
-  from mmv_tf.data import views
   p = preprocessing
   pick = lambda keys: {k: options[k] for k in keys if k in options}
   log_mel = views.LogMel(**{k: p[k] for k in ("frame_length", "frame_step", "num_mel_bins", "lower_edge_hertz",

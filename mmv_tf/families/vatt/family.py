@@ -11,13 +11,14 @@ from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 
+from mmv_tf.data import views
 from mmv_tf.families.base import Family
 from mmv_tf.families.vatt import model as vatt_model
 
 # Data settings the model config's `preprocessing` owns: a training `options` entry may not restate them.
 _PREPROCESSING_OPTIONS = tuple(vatt_model.DEFAULT_PREPROCESSING) + ("frame_rate", "num_frames", "with_waveform")
 # Run options that configure the video view rather than the dataset.
-_VIDEO_OPTIONS = ("random_flip", "color_augmentation", "scale_jitter", "color_drop_prob")
+_VIDEO_OPTIONS = views.VIDEO_RUN_OPTIONS
 # VATT's waveform augmentation (released code: `audio_noise=0.01`): Gaussian noise, std = level * max|x| per clip.
 _AUDIO_NOISE = "audio_noise"
 DEFAULT_AUDIO_NOISE = 0.01
@@ -45,7 +46,6 @@ def audio_noise(level: float):
 def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
   """VATT's views of a clip (paper section 4.1): the frames, the raw waveform of the same span (no log-mel)
   and K neighbouring captions; sizes from `preprocessing`, augmentations from the run's `options`."""
-  from mmv_tf.data import views
   p = preprocessing
   video = {k: options[k] for k in _VIDEO_OPTIONS if k in options}
   return views.PipelineSpec(views=(
