@@ -203,7 +203,8 @@ def test_two_replicas_give_the_single_device_loss_and_gradients(family):
 
 # --------------------------------------------------------------------------------------------------- gin
 
-@pytest.mark.parametrize("name", ["vatt/bbs.gin", "tiny/vatt.gin"])
+@pytest.mark.parametrize("name", ["vatt/bbs.gin", "vatt/mbs.gin", "vatt/lbs.gin", "vatt/ma_medium.gin",
+                                  "tiny/vatt.gin"])
 def test_gin_presets_parse_and_document_themselves(name):
   from mmv_tf import gin_utils
   from mmv_tf.training import commands
@@ -217,6 +218,14 @@ def test_gin_presets_parse_and_document_themselves(name):
     assert (q("train.batch_size"), q("train.learning_rate"), q("train.end_learning_rate")) == (2048, 1e-4, 5e-5)
     assert q("train.loss_config") == {"temperature": 0.07, "va_weight": 1.0, "vt_weight": 1.0}
     assert q("vatt_model_config.keep_rate") == 0.5 and q("vatt_model_config.video_size") == "base"
+  # The paper's four pre-trained models (section 4.1): video tower size, or one shared Medium Transformer.
+  sizes = {"vatt/mbs.gin": ("modality_specific", "medium"), "vatt/lbs.gin": ("modality_specific", "large"),
+           "vatt/ma_medium.gin": ("modality_agnostic", "base")}
+  if name in sizes:
+    config = gin.get_configurable("vatt_model_config")()
+    assert (config["backbone"], config["video_size"]) == sizes[name]
+    assert config["agnostic_size"] == "medium" and config["text_size"] == "small" and config["audio_size"] == "base"
+    assert gin.query_parameter("train.batch_size") == 2048
 
 
 # -------------------------------------------------------------------------------------------- end to end
