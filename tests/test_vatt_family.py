@@ -262,12 +262,16 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   assert info["family"] == "vatt" and info["serving_default"] == "video"
   _, _, restored = families.restore(model_dir)
   loaded = tf.saved_model.load(version)
-  assert {"video", "audio", "text", "text_ids"} <= set(loaded.signatures)
+  assert {"video", "audio", "text", "text_ids", "image", "image_bytes"} <= set(loaded.signatures)
   batch = _batch(seed=5, batch=2)
   want = restored.embed_video(batch["video"], training=False)
   got = loaded.signatures["video"](video=tf.constant(batch["video"]))
   for key in ("before_head", "va", "vat"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  image = batch["video"][:, 0]
+  want = restored.embed_video(np.repeat(image[:, None], 2, axis=1), training=False)  # one 2-frame tubelet
+  got = loaded.signatures["image"](image=tf.constant(image))
+  np.testing.assert_allclose(got["vat"], want["vat"], rtol=1e-4, atol=1e-5)
   ids = np.minimum(batch["text_ids"][:, 0], restored.vocab_size - 1)
   want = restored.embed_text(ids, training=False)
   got = loaded.signatures["text_ids"](word_ids=tf.constant(ids))
@@ -290,6 +294,22 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
   # Retrieval in VATT's spaces: text->video in S_vat, audio->video in S_va (waveform through the embedder).
   for task in ("text_to_video", "video_to_text", "audio_to_video", "video_to_audio"):
     assert 0.0 <= tasks[task]["R@10"] <= 1.0, (task, tasks[task])
+
+
+def test_image_network_is_the_video_tower_on_the_image_repeated_to_one_tubelet(family, model):
+  image_model, reason = family.image_model(None, model)
+  assert reason is None and image_model.deflated
+  image = np.random.default_rng(7).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  from mmv_tf.families.vatt import signatures
+  got = signatures.image_tower(model, image_model)(tf.constant(image))
+  t = model.get_config()["video_patch_size"][0]
+  want = model.embed_video(np.repeat(image[:, None], t, axis=1), training=False)
+  for key in ("before_head", "va", "vat"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  embedder = family.embedder(model, image_model=image_model)
+  assert embedder.has_images
+  np.testing.assert_allclose(embedder.embed_image(image)["vat"], want["vat"], rtol=1e-5, atol=1e-6)
+  assert family.embedding_spaces[frozenset({"image", "text"})] == "vat"
 
 
 def test_training_data_has_the_views_and_the_waveform_noise(family, data):

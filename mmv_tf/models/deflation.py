@@ -43,6 +43,8 @@ def _relative_variables(model: keras.Model) -> dict[str, keras.Variable]:
   out = {}
   for v in model.variables:
     parts = v.path.split("/")
+    if model.name not in parts:  # Keras' random-seed states (dropout) live outside the path: not weights
+      continue
     out["/".join(parts[parts.index(model.name) + 1:])] = v
   return out
 
@@ -66,7 +68,8 @@ def deflate(video_model: keras.Model, *, name: str | None = None) -> keras.Model
   config.update(deflated=True, name=name or f"{video_model.name}_deflated")
   if isinstance(video_model, S3D):
     config["temporal_padding"] = "same"
-  elif not isinstance(video_model, TSMResNet):
+  elif not isinstance(video_model, TSMResNet) and not getattr(video_model, "DEFLATES_BY_CONFIG", False):
+    # A backbone class may declare that `deflated=True` alone makes its image network (same weights).
     raise TypeError(f"no deflation for {type(video_model).__name__}")
   image_model = type(video_model).from_config(config)
   image_model(tf.zeros([1, 64, 64, 3]), training=False)

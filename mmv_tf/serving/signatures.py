@@ -94,3 +94,38 @@ def decode_image_bytes(image_bytes, *, crop_size: int) -> tf.Tensor:
     return processors.central_crop(frames, crop_size=crop_size)[0]
 
   return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([crop_size, crop_size, 3], tf.float32))
+
+
+def image_signatures(*, image_tower, outputs, crop_size: int, doc: str, rng, static_size: bool = False,
+                     size_checks=None) -> Dict[str, Signature]:
+  """`image` (float32 [B,H,W,3] in [0,1]) and `image_bytes` (JPEG/PNG strings, decoded, short side resized to
+  `crop_size`, centre-cropped) over one `image_tower(images) -> {output: tensor}` (traced once for both).
+
+  `static_size`: the `image` input is [B,crop_size,crop_size,3] (a network whose graph needs the size, e.g.
+  position tables re-sampled to the token grid); else H and W are free. `size_checks(images, signature,
+  input_name)`: extra checks on the images; a failed check is an INVALID_ARGUMENT naming the signature and input.
+  """
+  from mmv_tf.serving import warmup
+  side = crop_size if static_size else None
+  tower = tf.function(image_tower, input_signature=[tf.TensorSpec([None, side, side, 3], tf.float32)],
+                      autograph=False)
+
+  def embed(images, signature, input_name):
+    checks = [non_empty_batch(images, signature, input_name)]
+    checks += list(size_checks(images, signature, input_name)) if size_checks else []
+    return tower(with_checks(checks, images))
+
+  def image_bytes(image_bytes):
+    checks = image_file_checks(image_bytes, "image_bytes", "image_bytes")
+    return embed(decode_image_bytes(with_checks(checks, image_bytes), crop_size=crop_size), "image_bytes",
+                 "image_bytes")
+
+  return {
+      "image": Signature("image", tf.TensorSpec([None, side, side, 3], tf.float32, name="image"),
+                         lambda image: embed(image, "image", "image"), tuple(outputs), doc,
+                         rng.uniform(size=(1, crop_size, crop_size, 3)).astype(np.float32)),
+      "image_bytes": Signature(
+          "image_bytes", tf.TensorSpec([None], tf.string, name="image_bytes"), image_bytes, tuple(outputs),
+          f"encoded JPEG/PNG files; decoded, short side resized to {crop_size}, centre-cropped",
+          np.array([warmup.synthetic_jpeg(size=crop_size, rng=rng)], dtype=object)),
+  }

@@ -76,29 +76,12 @@ def image_features(out):
 
 
 def _image_signatures(model, image_model, rng) -> Dict[str, S.Signature]:
-  crop = model.crop_size
-
-  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)], autograph=False)
   def image_tower(images):
     return _pick(model.project_features(image_features(image_model(images, training=False)), training=False))
 
-  def image(image):
-    return image_tower(S.with_checks([S.non_empty_batch(image, "image", "image")], image))
-
-  def image_bytes(image_bytes):
-    checks = S.image_file_checks(image_bytes, "image_bytes", "image_bytes")
-    return image_tower(S.decode_image_bytes(S.with_checks(checks, image_bytes), crop_size=crop))
-
-  from mmv_tf.serving import warmup
-  return {
-      "image": S.Signature("image", tf.TensorSpec([None, None, None, 3], tf.float32, name="image"), image, OUTPUTS,
-                           f"deflated narrow tower: RGB images in [0,1]; recommended H=W={crop}",
-                           rng.uniform(size=(1, crop, crop, 3)).astype(np.float32)),
-      "image_bytes": S.Signature(
-          "image_bytes", tf.TensorSpec([None], tf.string, name="image_bytes"), image_bytes, OUTPUTS,
-          f"encoded JPEG/PNG files; decoded, short side resized to {crop}, centre-cropped",
-          np.array([warmup.synthetic_jpeg(size=crop, rng=rng)], dtype=object)),
-  }
+  crop = model.crop_size
+  return S.image_signatures(image_tower=image_tower, outputs=OUTPUTS, crop_size=crop, rng=rng,
+                            doc=f"deflated narrow tower: RGB images in [0,1]; recommended H=W={crop}")
 
 
 def build_signatures(model, *, image_model=None, seed: int = 0) -> Dict[str, S.Signature]:

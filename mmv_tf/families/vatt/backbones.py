@@ -305,13 +305,21 @@ class VideoTransformer(_TokenTransformer):
     buckets: (T, H, W) entries of the position tables, the pre-training grid (8, 14, 14).
     keep_rate, per_example: `DropToken` (training only); 1.0 disables it.
     dropout_rate: dropout of embeddings, attention and residual branches (0.1).
+    deflated: the image network (`mmv_tf.models.deflation.deflate`): input [B,H,W,3], repeated along time to
+      fill one tubelet, as the released code feeds images (paper A.2.5); the same weights, one temporal token
+      (the temporal table re-sampled to one row in the forward pass).
   """
 
+  # `deflate` makes the image network from the config alone (`deflated=True`), with the same weights.
+  DEFLATES_BY_CONFIG = True
+
   def __init__(self, *, size="base", patch_size=(4, 16, 16), buckets=(8, 14, 14), keep_rate: float = 0.5,
-               per_example: bool = False, dropout_rate: float = 0.1, name: str | None = None, **kwargs):
+               per_example: bool = False, dropout_rate: float = 0.1, deflated: bool = False, name: str | None = None,
+               **kwargs):
     size_name = size if isinstance(size, str) else "custom"
     super().__init__(name=name or f"vit_{size_name}", **kwargs)
     self._init_common(size=size, keep_rate=keep_rate, per_example=per_example, dropout_rate=dropout_rate)
+    self.deflated = bool(deflated)
     self.patch_size, self.buckets = tuple(int(p) for p in patch_size), tuple(int(b) for b in buckets)
     self.voxel_to_patch = keras.layers.Conv3D(self.transformer_size.d_model, self.patch_size,
                                               strides=self.patch_size, padding="valid", name="voxel_to_patch")
@@ -320,6 +328,8 @@ class VideoTransformer(_TokenTransformer):
 
   def build(self, input_shape):
     """Creates every weight from the input shape without running the model (parameter counting)."""
+    if self.deflated:
+      input_shape = (input_shape[0], self.patch_size[0]) + tuple(input_shape[1:])
     self.voxel_to_patch.build(input_shape)
     d = self.transformer_size.d_model
     self.positions.build((None,) + self.buckets + (d,))
@@ -328,10 +338,13 @@ class VideoTransformer(_TokenTransformer):
     self.built = True
 
   def call(self, video, training=None):
+    if self.deflated:  # an image [B,H,W,3] -> one tubelet [B,t,H,W,3]
+      video = tf.repeat(video[:, None], self.patch_size[0], axis=1)
     return self._encode(self.voxel_to_patch(video), training)
 
   def get_config(self):
-    return {**self._common_config(), "patch_size": self.patch_size, "buckets": self.buckets}
+    return {**self._common_config(), "patch_size": self.patch_size, "buckets": self.buckets,
+            "deflated": self.deflated}
 
 
 @keras.saving.register_keras_serializable(package="mmv_tf")

@@ -71,7 +71,8 @@ class VATTFamily(Family):
   # Which space compares two modalities: MMV's rules (S_va for video-audio, S_vat for pairs with text).
   embedding_spaces = {
       frozenset({"video", "text"}): "vat", frozenset({"audio", "text"}): "vat",
-      frozenset({"video", "audio"}): "va",
+      frozenset({"video", "audio"}): "va", frozenset({"image", "text"}): "vat",
+      frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
   }
   vocabulary_size_key = "vocab_size"
   gin_dir = "vatt"
@@ -133,12 +134,19 @@ class VATTFamily(Family):
 
   def signatures(self, model, *, tokenizer=None, image_model=None):
     from mmv_tf.families.vatt import signatures
-    return signatures.build_signatures(model=model, tokenizer=tokenizer)
+    return signatures.build_signatures(model=model, tokenizer=tokenizer, image_model=image_model)
+
+  def deflation_source(self, model):
+    """The video ViT: `deflated=True` feeds it an image repeated along time (the released code's image path).
+    The modality-agnostic model has no separate video tower: no image network."""
+    if model.video_backbone is None:
+      return None
+    return model.video_backbone, model.num_frames, model.crop_size
 
   def embedder(self, model, *, image_model=None, vocabulary_path=None, name: str = ""):
     from mmv_tf.families.vatt import signatures
-    return signatures.VATTEmbedder(model, vocabulary_path=vocabulary_path, name=name or "vatt",
-                                   embedding_spaces=self.embedding_spaces)
+    return signatures.VATTEmbedder(model, image_model=image_model, vocabulary_path=vocabulary_path,
+                                   name=name or "vatt", embedding_spaces=self.embedding_spaces)
 
 
 FAMILY = VATTFamily()

@@ -182,8 +182,11 @@ class VATTModel(checkpointing.SavesEveryVariable, configured.ConfiguredModel, ke
     """video float32 [B,T,H,W,3] in [0,1] -> before_head [B,d], va [B,va_dim], vat [B,vat_dim]."""
     training = bool(training)
     video = tf.convert_to_tensor(video, self.compute_dtype) * 2.0 - 1.0  # VATT: [-1, 1]
-    features = self._features("video", video, training)
-    out = self.fac_head({"video": features}, training=training)["video"]
+    return self.project_video(self._features("video", video, training), training=training)
+
+  def project_video(self, features, training=False) -> dict[str, tf.Tensor]:
+    """Pooled video features [B,d] -> before_head, va, vat (also what an image network's features take)."""
+    out = self.fac_head({"video": features}, training=bool(training))["video"]
     return {"before_head": _f32(features), **out}
 
   def embed_audio(self, waveform, training=False) -> dict[str, tf.Tensor]:

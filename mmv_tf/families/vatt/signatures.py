@@ -7,6 +7,8 @@ docs/serving.md, docs/families.md).
 | `audio` | `audio` float32 [B,N] waveform in [-1,1] | none | `before_head` (= `last_conv`), `va`, `vat` |
 | `text` | `text` string [B] | `WordTokenizer` (vocabulary asset) | `before_head`, `vat` |
 | `text_ids` | `word_ids` int32 [B,max_tokens] | none | `before_head`, `vat` |
+| `image` | `image` float32 [B,S,S,3] in [0,1] | repeated along time to one tubelet (paper A.2.5) | as `video` |
+| `image_bytes` | `image_bytes` string [B] JPEG/PNG | decode, resize short side, centre crop | as `video` |
 
 T, S and N are fixed to the model's `num_frames`, `crop_size` and `num_audio_samples`: the backbones need a
 static token grid to re-sample their position tables (`backbones._table_for`), and a SavedModel signature has
@@ -23,7 +25,7 @@ import tensorflow as tf
 from mmv_tf.evaluation import features
 from mmv_tf.serving import signatures as S
 
-SIGNATURE_ORDER = ("video", "audio", "text", "text_ids")
+SIGNATURE_ORDER = ("video", "audio", "text", "image", "image_bytes", "text_ids")
 VIDEO_OUTPUTS = ("before_head", "va", "vat")
 AUDIO_OUTPUTS = ("before_head", "va", "vat")
 AUDIO_SIGNATURE_OUTPUTS = AUDIO_OUTPUTS + ("last_conv",)
@@ -84,12 +86,34 @@ def _text_signatures(model, p, tokenizer) -> Dict[str, S.Signature]:
   return sigs
 
 
-def build_signatures(*, model, tokenizer=None, seed: int = 0) -> Dict[str, S.Signature]:
-  """The exportable signatures of a VATTModel, in `SIGNATURE_ORDER`; `text` needs `tokenizer`."""
+def image_tower(model, image_model):
+  """images [B,S,S,3] in [0,1] -> the video outputs: the video tower's image network
+  (`VideoTransformer(deflated=True)`, the image repeated to fill one tubelet, paper A.2.5) + the video's FAC
+  projection, so that images share video's `va` and `vat` spaces."""
+  def embed(images):
+    images = tf.cast(images, image_model.compute_dtype) * 2.0 - 1.0  # VATT's [-1, 1], as embed_video
+    out = model.project_video(image_model(images, training=False)["features"], training=False)
+    return {k: out[k] for k in VIDEO_OUTPUTS}
+  return embed
+
+
+def _image_signatures(model, p, image_model, rng) -> Dict[str, S.Signature]:
+  s = p["crop_size"]
+  return S.image_signatures(image_tower=image_tower(model, image_model), outputs=VIDEO_OUTPUTS, crop_size=s,
+                            rng=rng, static_size=True,
+                            doc=f"RGB images in [0,1], H=W={s} (fixed: the position grid); the video tower on the "
+                            "image repeated along time")
+
+
+def build_signatures(*, model, tokenizer=None, image_model=None, seed: int = 0) -> Dict[str, S.Signature]:
+  """The exportable signatures of a VATTModel, in `SIGNATURE_ORDER`; `text` needs `tokenizer`, `image` and
+  `image_bytes` the video tower's image network (`image_model`)."""
   p = model.preprocessing_config
   rng = np.random.default_rng(seed)
   sigs = {"video": _video_signature(model, p, rng), "audio": _audio_signature(model, p, rng),
           **_text_signatures(model, p, tokenizer)}
+  if image_model is not None:
+    sigs.update(_image_signatures(model, p, image_model, rng))
   return {name: sigs[name] for name in SIGNATURE_ORDER if name in sigs}
 
 
@@ -107,13 +131,14 @@ class VATTEmbedder(features.ModelEmbedder):
   audio_input = "waveform"
   text_input = "ids"
 
-  def __init__(self, model, *, vocabulary_path=None, name: str = "vatt", embedding_spaces=None):
+  def __init__(self, model, *, image_model=None, vocabulary_path=None, name: str = "vatt", embedding_spaces=None):
     # Static shapes: the position grids must be known when tracing.
     super().__init__(name=name, embedding_spaces=embedding_spaces, vocabulary_path=vocabulary_path,
                      max_tokens=model.max_tokens, static_shapes=True,
                      video=lambda x: model.embed_video(x, training=False),
                      audio=lambda x: model.embed_audio(x, training=False),
-                     text=lambda x: model.embed_text(x, training=False))
+                     text=lambda x: model.embed_text(x, training=False),
+                     image=None if image_model is None else image_tower(model, image_model))
     self.model = model
     self.preprocessing = model.preprocessing_config
 
