@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import tensorflow as tf
 
+from mmv_tf.demo_settings import DemoSettings, Threshold
 from mmv_tf.families.base import Family
 from mmv_tf.families.brave import heads
 from mmv_tf.families.brave import model as brave_model
@@ -72,6 +73,26 @@ class BraveEmbedder:
     return self._numpy(self._image(np.asarray(image, np.float32)))
 
 
+# `mmv-tf demo --family brave`: the probe of the narrow video backbone's features (what BraVe evaluates)
+# and video<->audio retrieval through the shared projector (`embedding_spaces`), against random init.
+# Measured values: gin/tiny/brave_va.gin and docs/families.md ("The demo per family").
+DEMO = DemoSettings(
+    gin_file="tiny/brave_va.gin",
+    steps=800,
+    thresholds=(
+        Threshold("tasks/audio_to_video/R@10", "audio→video R@10", 2.0, 0.10),
+        Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.0, 0.10),
+        Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
+    ),
+    reported=(
+        Threshold("tasks/linear_probe_audio/top1", "audio linear probe top-1", 0.0, 0.0),
+        Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
+    ),
+    queries=(("audio", "video"), ("video", "audio")),
+    deflate=True,
+)
+
+
 class BraveFamily(Family):
   name = "brave"
   # BraVe trains prediction(one view) against projection(other view); the interface names one output per
@@ -82,6 +103,7 @@ class BraveFamily(Family):
                       frozenset({"video", "image"}): "projection"}
   vocabulary_size_key = None
   gin_dir = "brave"
+  demo = DEMO
 
   def complete_config(self, raw):
     return brave_model.complete_config(dict(raw))

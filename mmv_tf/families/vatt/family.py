@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import tensorflow as tf
 
+from mmv_tf.demo_settings import DemoSettings, Threshold
 from mmv_tf.families.base import Family
 from mmv_tf.families.vatt import model as vatt_model
 
@@ -56,6 +57,27 @@ def pipeline_spec(preprocessing: Mapping[str, Any], options: Mapping[str, Any]):
       frame_rate=p["fps"], sample_rate=p["sample_rate"])
 
 
+# `mmv-tf demo --family vatt`: zero-shot retrieval among the held-out clips (R@10, as for MMV: several
+# clips share class and colour), zero-shot classification and the video probe, against random init.
+# Measured values: gin/tiny/vatt.gin and docs/families.md ("The demo per family").
+DEMO = DemoSettings(
+    gin_file="tiny/vatt.gin",
+    steps=2000,
+    thresholds=(
+        Threshold("tasks/text_to_video/R@10", "text→video R@10", 2.5, 0.10),
+        Threshold("tasks/video_to_text/R@10", "video→text R@10", 2.5, 0.10),
+        Threshold("tasks/audio_to_video/R@10", "audio→video R@10", 2.0, 0.10),
+        Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.0, 0.10),
+        Threshold("tasks/zero_shot_classification/top1", "zero-shot classification", 2.0, 0.10),
+        Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
+    ),
+    reported=(
+        Threshold("tasks/linear_probe_audio/top1", "audio linear probe top-1", 0.0, 0.0),
+    ),
+    queries=(("text", "video"), ("audio", "video")),
+)
+
+
 class VATTFamily(Family):
   name = "vatt"
   # Which space compares two modalities: MMV's rules (S_va for video-audio, S_vat for pairs with text).
@@ -65,6 +87,7 @@ class VATTFamily(Family):
   }
   vocabulary_size_key = "vocab_size"
   gin_dir = "vatt"
+  demo = DEMO
 
   def complete_config(self, raw):
     return vatt_model.complete_config(dict(raw))

@@ -133,6 +133,17 @@ class VATTEmbedder:
   def embed_text(self, word_ids) -> Dict[str, np.ndarray]:
     return _numpy(self._text(tf.constant(np.asarray(word_ids, np.int32))), TEXT_OUTPUTS)
 
+  def embed_captions(self, strings: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Raw strings (e.g. zero-shot class prompts) -> text embeddings, tokenized with the model dir's
+    vocabulary at the model's `max_tokens`, as the pipeline tokenizes captions."""
+    if self.vocabulary_path is None:
+      raise NotImplementedError("no vocabulary to tokenize raw text")
+    if getattr(self, "_tokenizer", None) is None:
+      from mmv_tf.data import text as text_lib
+      self._tokenizer = text_lib.WordTokenizer(vocabulary=self.vocabulary_path,
+                                               max_tokens=self.preprocessing["max_tokens"])
+    return self.embed_text(np.asarray(self._tokenizer(list(strings))))
+
 
 def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
   """Crops or zero-pads the last axis to `n`."""
