@@ -328,7 +328,7 @@ class _HeldOut:
   """One batch of held-out clips as an application would send them, and the first still image."""
   videos: object
   waveforms: object
-  captions: List[str]
+  captions: List[str]  # each clip's first caption, or its class name when the model has no text tower
   image_jpeg: Optional[bytes]
 
 
@@ -401,22 +401,29 @@ def _fit_length(waveforms, length: Optional[int]):
 
 def _held_out_batch(*, prep, data_dir: str, vocabulary: Optional[str], with_audio: bool,
                     with_image: bool) -> _HeldOut:
-  """16 held-out clips preprocessed as the evaluation does (centre crop, one window), their raw waveforms
-  at the model's sample rate and their first captions."""
+  """16 held-out clips preprocessed as the evaluation does (centre crop, one window), their waveforms at
+  the model's sample rate, and what names each clip in the printout: its first caption, or its class
+  (labels.txt) for a model without a vocabulary (no text tower)."""
   from mmv_tf.data import pipeline
+  from mmv_tf.evaluation import runner
+  pattern = os.path.join(data_dir, "eval-*.tfrecord")
   ds = pipeline.make_eval_dataset(
-      file_patterns=os.path.join(data_dir, "eval-*.tfrecord"), batch_size=16,
+      file_patterns=pattern, batch_size=16,
       vocabulary=vocabulary, num_frames=prep.get("num_frames", 8),
       stride=prep.get("stride", 1),
       crop_size=prep.get("crop_size", 32), min_resize=prep.get("min_resize", 40),
-      with_audio=with_audio, with_waveform=with_audio, with_log_mel=False,
+      with_audio=with_audio, with_waveform=with_audio, with_log_mel=False, with_text=vocabulary is not None,
       sample_rate=prep.get("sample_rate", 48000), num_audio_samples=prep.get("num_audio_samples"),
       num_test_clips=1)
   batch = next(iter(ds))
   videos = batch["video"].numpy()
   videos = videos[:, 0] if videos.ndim == 6 else videos
   waveforms = batch["audio"].numpy()[:, 0] if with_audio else None
-  captions = [c[0].decode() for c in batch["caption"].numpy()]
+  if vocabulary is not None:
+    captions = [c[0].decode() for c in batch["caption"].numpy()]
+  else:
+    names = runner.read_class_names(pattern)
+    captions = [names[i] for i in batch["label"].numpy()]
   image = _first_image_jpeg(os.path.join(data_dir, "images-*.tfrecord")) if with_image else None
   return _HeldOut(videos=videos, waveforms=waveforms, captions=captions, image_jpeg=image)
 

@@ -68,10 +68,10 @@ DEMO = DemoSettings(
         Threshold("tasks/video_to_text/R@10", "video→text R@10", 2.5, 0.10),
         Threshold("tasks/audio_to_video/R@10", "audio→video R@10", 2.0, 0.10),
         Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.0, 0.10),
-        Threshold("tasks/zero_shot_classification/top1", "zero-shot classification", 2.0, 0.10),
         Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
     ),
     reported=(
+        Threshold("tasks/zero_shot_classification/top1", "zero-shot classification", 0.0, 0.0),
         Threshold("tasks/linear_probe_audio/top1", "audio linear probe top-1", 0.0, 0.0),
     ),
     queries=(("text", "video"), ("audio", "video")),
