@@ -84,8 +84,8 @@ DEMO = DemoSettings(
         Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.0, 0.10),
         Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
     ),
+    # (No audio probe: the shared audio probe reads `last_conv`, which BraveEmbedder does not output.)
     reported=(
-        Threshold("tasks/linear_probe_audio/top1", "audio linear probe top-1", 0.0, 0.0),
         Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
     ),
     queries=(("audio", "video"), ("video", "audio")),
