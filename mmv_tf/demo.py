@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 # checked on held-out clips with their thresholds (chance levels are printed beside each number). A metric
 # passes when it is >= `min_ratio_to_chance` x chance AND >= the random-init model's value +
 # `min_gain_over_random`. Measured values and margins: README ("The demo") and docs/families.md.
-from mmv_tf.demo_settings import DemoSettings, Threshold  # noqa: E402,F401  (part of the API)
+from mmv_tf.demo_settings import DemoSettings, Threshold  # noqa: F401  (re-exported: demo.Threshold)
 
 DEFAULT_FAMILY = "mmv"
 
