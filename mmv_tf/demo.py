@@ -4,10 +4,11 @@
     (trained vs. the same model at random initialisation) → export a versioned SavedModel → serve it
     over gRPC (TF Serving's protocol) → query it → a results table with chance levels.
 
-`--family NAME` (default mmv) picks whose tiny gin config, steps, thresholds and queries run: the family's
-`demo` settings (`Family.demo`, a `DemoSettings`; docs/families.md). The numbers in the table are checked
-against those thresholds: the demo exits 1 if the model did not learn. Every stage writes atomically and leaves a marker, so Ctrl-C loses nothing and a re-run
-resumes (training resumes from its last checkpoint).
+`--family NAME` (default mmv) picks whose tiny gin config, steps, thresholds and queries run: the
+family's `demo` settings (`Family.demo`, a `DemoSettings`; docs/families.md). The numbers in the table
+are checked against those thresholds: the demo exits 1 if the model did not learn. Every stage writes
+atomically and leaves a marker, so Ctrl-C loses nothing and a re-run resumes (training resumes from its
+last checkpoint).
 
 `--precision` picks the compute precision of training (`train.mixed_precision`) and of the export:
 float32 (the default: the thresholds were measured with it), bfloat16, or auto (bfloat16 when the CPU
@@ -243,7 +244,7 @@ def run_demo(config: DemoConfig, *, print_fn: Callable[[str], None] = print) -> 
                   image_pattern=os.path.join(data_dir, "images-*.tfrecord") if settings.deflate else None)
   vocab = families.vocabulary_path(model_dir)  # None for a family without a text tower
   trained = runner.evaluate(output_dir=os.path.join(wd, "eval", "trained"), model_dir=model_dir,
-                            vocabulary=vocab, title=f"mmv_tf demo: trained {family.name} model", **patterns)
+                            vocabulary=vocab, title="mmv_tf demo: trained model", **patterns)
   import keras
   keras.utils.set_random_seed(config.seed)  # the same random-init baseline on every run
   _, model_config = families.load_config(model_dir)
