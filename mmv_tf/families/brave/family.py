@@ -73,19 +73,21 @@ class BraveEmbedder:
     return self._numpy(self._image(np.asarray(image, np.float32)))
 
 
-# `mmv-tf demo --family brave`: the probe of the narrow video backbone's features (what BraVe evaluates)
-# and video<->audio retrieval through the shared projector (`embedding_spaces`), against random init.
-# Measured values: gin/tiny/brave_va.gin and docs/families.md ("The demo per family").
+# `mmv-tf demo --family brave`: the probe of the narrow video backbone's features (what BraVe evaluates),
+# against random init. Video<->audio retrieval is reported, not checked: `embedding_spaces` compares both
+# modalities by their projections, but BraVe trains each view's prediction to match the other's
+# projection, and projection against projection stays at chance (prediction against projection does
+# not: gin/tiny/brave_va.gin). Measured values: that header and docs/families.md.
 DEMO = DemoSettings(
     gin_file="tiny/brave_va.gin",
-    steps=800,
+    steps=1600,
     thresholds=(
-        Threshold("tasks/audio_to_video/R@10", "audio→video R@10", 2.0, 0.10),
-        Threshold("tasks/video_to_audio/R@10", "video→audio R@10", 2.0, 0.10),
-        Threshold("tasks/linear_probe_video/top1", "video linear probe top-1", 2.0, 0.05),
+        Threshold("tasks/linear_probe_video/top1", "narrow video probe top-1", 2.0, 0.05),
     ),
-    # (No audio probe: the shared audio probe reads `last_conv`, which BraveEmbedder does not output.)
     reported=(
+        Threshold("tasks/audio_to_video/R@10", "audio→video R@10 (proj.)", 0.0, 0.0),
+        Threshold("tasks/video_to_audio/R@10", "video→audio R@10 (proj.)", 0.0, 0.0),
+        # (No audio probe: the shared audio probe reads `last_conv`, which BraveEmbedder does not output.)
         Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
     ),
     queries=(("audio", "video"), ("video", "audio")),
