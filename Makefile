@@ -1,5 +1,6 @@
 # mmv_tf — everything a fresh machine needs goes through these targets.
 #   make demo        set up, then run the main job on the embedded synthetic data
+#                    (FAMILY=vatt or FAMILY=brave: that family's tiny model; default mmv)
 #   make test        set up, then run the test suite (what CI runs, with `make bazel-test`)
 #   make bazel-test  run the py_test targets with Bazel, offline (Debian's bazel-bootstrap)
 SHELL := /bin/bash
@@ -12,7 +13,9 @@ APT_STAMP := $(VENV)/.stamp-apt
 APT_PACKAGES := chromium bazel-bootstrap bazel-bootstrap-source
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
-WORKDIR ?= $(CURDIR)/demo_workdir
+FAMILY ?= mmv
+# One family per work dir: demo_workdir for MMV (as always), demo_workdir_<family> for the others.
+WORKDIR ?= $(CURDIR)/demo_workdir$(if $(filter-out mmv,$(FAMILY)),_$(FAMILY))
 BAZEL_TAG_FILTERS ?= -slow
 
 .PHONY: setup apt demo test test-slow bazel-test benchmarks clean
@@ -38,7 +41,7 @@ $(APT_STAMP):
 	@mkdir -p $(VENV) && touch $@
 
 demo: setup
-	$(VENV)/bin/mmv-tf demo --workdir $(WORKDIR)
+	$(VENV)/bin/mmv-tf demo --family $(FAMILY) --workdir $(WORKDIR)
 
 # Fast suite: everything except tests marked `slow` (those run with `make test-slow`).
 test: setup apt
@@ -56,5 +59,5 @@ benchmarks: setup
 	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache $(WORKDIR)
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(WORKDIR) $(CURDIR)/demo_workdir $(CURDIR)/demo_workdir_*
 	-bazel clean --expunge 2>/dev/null

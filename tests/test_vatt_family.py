@@ -327,3 +327,22 @@ def test_training_data_has_the_views_and_the_waveform_noise(family, data):
   np.testing.assert_allclose(ratio, 0.5, rtol=0.05)
   with pytest.raises(ValueError, match="belong to the model config's `preprocessing`"):
     family.train_dataset_fn(config, file_patterns="x", vocabulary=None, seed=0, options={"num_frames": 8})
+
+
+def test_embedder_embeds_raw_captions_as_the_word_ids_they_tokenize_to(family, model, tmp_path):
+  # Zero-shot classification embeds class-name prompts from strings (`embed_captions`).
+  from mmv_tf.data import text as text_lib
+  words = [f"w{i}" for i in range(VOCAB - len(text_lib.SPECIAL_TOKENS))]
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(list(text_lib.SPECIAL_TOKENS) + words) + "\n")
+  embedder = family.embedder(model, vocabulary_path=str(vocab))
+  got = embedder.embed_captions(["W3 w7, w3", "w1 unknownword"])
+  n = len(text_lib.SPECIAL_TOKENS)  # ids: the special tokens first, then the words in file order
+  ids = np.zeros((2, model.preprocessing_config["max_tokens"]), np.int32)
+  ids[0, :3] = [n + 3, n + 7, n + 3]
+  ids[1, :2] = [n + 1, text_lib.UNK_ID]
+  want = embedder.embed_text(ids)
+  for key in ("before_head", "vat"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6)
+  with pytest.raises(NotImplementedError, match="no vocabulary"):
+    family.embedder(model).embed_captions(["w1"])

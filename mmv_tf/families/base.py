@@ -16,6 +16,7 @@ talks to a model only through this interface and never names a family.
 | evaluation | `embedder(model, *, image_model, vocabulary_path)`; `embedding_spaces` | evaluate, query |
 | importers | `importers` {format: callable} | import-checkpoint |
 | gin | `register_gin()` binds the family's configurables; `gin_dir` its presets | train, demo |
+| demo | `demo`: a `DemoSettings` (tiny gin file, steps, checked metrics + thresholds, served queries), or None | `mmv-tf demo --family` |
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
+from mmv_tf.demo_settings import DemoSettings
 from mmv_tf.serving.signatures import Signature  # noqa: F401  (part of the interface)
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class Family:
   # Checkpoint importers: {format name: fn(*, checkpoint, **options) -> (config, built model)}.
   importers: Mapping[str, Callable[..., Any]] = {}
   gin_dir: Optional[str] = None
+  # What `mmv-tf demo --family NAME` runs and checks (mmv_tf/demo_settings.py); None: no demo.
+  demo: Optional[DemoSettings] = None
 
   def complete_config(self, raw: Mapping[str, Any]) -> Dict[str, Any]:
     raise NotImplementedError

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import tensorflow as tf
 
 from mmv_tf.evaluation import features
+from mmv_tf.demo_settings import DemoSettings, Threshold
 from mmv_tf.families.base import Family
 from mmv_tf.families.brave import heads
 from mmv_tf.families.brave import model as brave_model
@@ -62,6 +63,28 @@ def _import_npy(*, checkpoint: str, num_frames: int = 32, crop_size: Optional[in
   return model, import_npy.summary(model, report)
 
 
+# `mmv-tf demo --family brave`: the probe of the narrow video backbone's features (what BraVe evaluates),
+# against random init. Video<->audio retrieval is reported, not checked: `embedding_spaces` compares both
+# modalities by their projections, but BraVe trains each view's prediction to match the other's
+# projection, and projection against projection stays at chance (prediction against projection does
+# not: gin/tiny/brave_va.gin). Measured values: that header and docs/families.md.
+DEMO = DemoSettings(
+    gin_file="tiny/brave_va.gin",
+    steps=1600,
+    thresholds=(
+        Threshold("tasks/linear_probe_video/top1", "narrow video probe top-1", 2.0, 0.05),
+    ),
+    reported=(
+        Threshold("tasks/audio_to_video/R@10", "audio→video R@10 (proj.)", 0.0, 0.0),
+        Threshold("tasks/video_to_audio/R@10", "video→audio R@10 (proj.)", 0.0, 0.0),
+        # (No audio probe: the shared audio probe reads `last_conv`, which BraveEmbedder does not output.)
+        Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
+    ),
+    queries=(("audio", "video"), ("video", "audio")),
+    deflate=True,
+)
+
+
 class BraveFamily(Family):
   name = "brave"
   # BraVe trains prediction(one view) against projection(other view); the interface names one output per
@@ -77,6 +100,7 @@ class BraveFamily(Family):
   @property
   def importers(self):
     return {"brave": _import_npy}
+  demo = DEMO
 
   def complete_config(self, raw):
     return brave_model.complete_config(dict(raw))
