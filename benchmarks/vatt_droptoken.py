@@ -1,7 +1,7 @@
 """DropToken's speed-up and memory saving: one VATT training step with DropToken 0.5 vs without, side by side.
 
-    .venv/bin/python benchmarks/vatt_droptoken.py                       # paper size (BBS), batch 2, 3 rounds
-    .venv/bin/python benchmarks/vatt_droptoken.py --batch 1 --rounds 3 --steps 1
+    .venv/bin/python benchmarks/vatt_droptoken.py                       # paper size (BBS), batch 1, 3 rounds
+    .venv/bin/python benchmarks/vatt_droptoken.py --batch 2 --rounds 3 --steps 3
     .venv/bin/python benchmarks/vatt_droptoken.py --tiny                # seconds; checks the script runs
 
 The step is VATT's pre-training step at the paper's sizes (paper section 4.1, docs/models.md "VATT"): ViT-Base on
@@ -15,7 +15,8 @@ activations), and the arms alternate A B A B ... for `--rounds` rounds so that t
 hits both alike. A process creates the variables with one inference call on a tiny input (weights do not depend
 on the input grid), runs one untimed step (tracing, graph optimisation, allocation), then `--steps` timed steps;
 the reported step time of an arm is the median over all its timed steps. XLA is off by default (`--jit` turns it
-on). The FLOPs column is 3 x the forward graph's conv/matmul FLOPs (benchmarks/train_step.py's counter; backward
+on). Batch 1 by default: without DropToken one example's step peaks at ~12.5 GB RSS (docs/models.md), so batch 2
+needs ~20 GB. The FLOPs column is 3 x the forward graph's conv/matmul FLOPs (benchmarks/train_step.py's counter; backward
 ~ 2 x forward), an estimate of the work per step, not a measurement.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _child(arm: str, args) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--rounds", type=int, default=3, help="A B pairs of processes")
   parser.add_argument("--steps", type=int, default=1, help="timed steps per process, after one untimed")
   parser.add_argument("--tiny", action="store_true", help="tiny CPU model (tiny_vatt_config): a smoke run")
