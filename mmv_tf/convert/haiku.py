@@ -19,11 +19,12 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from mmv_tf.convert import assign
+
 IGNORED_STATE = ("hidden", "counter")  # raw EMA accumulator and update count: not inference state
 
 
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not map 1:1 onto the Keras model; the message lists every offending tensor."""
+CheckpointMismatchError = assign.CheckpointMismatchError  # the importers' one error type
 
 
 def to_numpy(x) -> np.ndarray:
@@ -97,31 +98,7 @@ def assign_haiku_weights(mapping: Mapping[str, Any], *, params: Mapping[str, np.
     else:
       sources[key] = to_numpy(value)
 
-  missing, mis_shaped, assignments = [], [], []
-  for key, var in mapping.items():
-    if key not in sources:
-      missing.append(f"{key}  <- needed by Keras {var.path} {tuple(var.shape)}")
-      continue
-    value = fit_shape(sources[key], tuple(var.shape), key)
-    if value is None:
-      mis_shaped.append(f"{key}: checkpoint {sources[key].shape} vs Keras {var.path} {tuple(var.shape)}")
-      continue
-    if not np.all(np.isfinite(value)):
-      mis_shaped.append(f"{key}: non-finite values")
-      continue
-    assignments.append((var, value))
-  unmapped = sorted(set(sources) - set(mapping))
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} Keras variables have no checkpoint tensor:\n  " + "\n  ".join(sorted(missing)))
-  if unmapped and strict:
-    problems.append(f"{len(unmapped)} checkpoint tensors are not mapped:\n  " + "\n  ".join(
-        f"{k} {sources[k].shape}" for k in unmapped))
-  if mis_shaped:
-    problems.append(f"{len(mis_shaped)} tensors have the wrong shape:\n  " + "\n  ".join(sorted(mis_shaped)))
-  if problems:
-    raise CheckpointMismatchError("checkpoint does not match the model:\n" + "\n".join(problems))
-  for var, value in assignments:
-    var.assign(value.astype(var.dtype))
-  return {"loaded": len(assignments), "ignored_state": sorted(ignored), "skipped": sorted(skipped),
+  unmapped = assign.assign_all_or_nothing(mapping, sources, strict=strict,
+                                          fit=lambda key, value, shape: fit_shape(value, shape, key))
+  return {"loaded": len(mapping), "ignored_state": sorted(ignored), "skipped": sorted(skipped),
           "unmapped": unmapped}

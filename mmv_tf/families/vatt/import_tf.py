@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mmv_tf.convert import assign
 from mmv_tf.families.vatt import backbones as bb
 from mmv_tf.families.vatt import model as vatt_model
 
@@ -63,8 +64,7 @@ _AXES = {"video": ("temporal", "vertical", "horizontal"), "audio": ("temporal",)
 _SHORT = {"video": "vid", "audio": "aud", "text": "txt"}
 
 
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not map 1:1 onto the Keras model; the message lists every offending tensor."""
+CheckpointMismatchError = assign.CheckpointMismatchError  # the importers' one error type
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -407,35 +407,17 @@ def load_tf_weights(model, tensors: Mapping[str, np.ndarray], *, strict: bool = 
   variable (except `IGNORED_NAMES`) and every shape mismatch; nothing is assigned unless all of it maps.
   """
   mapping = tf_variable_map(model)
-  missing, mis_shaped, assignments, resampled = [], [], [], []
-  for key, var in mapping.items():
-    if key not in tensors:
-      missing.append(f"{key}  <- needed by Keras {var.path} {tuple(var.shape)}")
-      continue
-    value, was_resampled = _fit(key, np.asarray(tensors[key]), tuple(var.shape))
-    if value is None:
-      mis_shaped.append(f"{key}: checkpoint {tensors[key].shape} vs Keras {var.path} {tuple(var.shape)}")
-    elif not np.all(np.isfinite(value)):
-      mis_shaped.append(f"{key}: non-finite values")
-    else:
-      assignments.append((var, value))
-      if was_resampled:
-        resampled.append(f"{key}: {tensors[key].shape[0]} -> {value.shape[0]}")
+  resampled = []
+
+  def fit(key, value, shape):
+    fitted, was_resampled = _fit(key, value, shape)
+    if was_resampled:
+      resampled.append(f"{key}: {value.shape[0]} -> {fitted.shape[0]}")
+    return fitted
+
   ignored = sorted(k for k in tensors if k not in mapping and _ignored_name(k))
-  unmapped = sorted(set(tensors) - set(mapping) - set(ignored))
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} Keras variables have no checkpoint tensor:\n  " + "\n  ".join(sorted(missing)))
-  if unmapped and strict:
-    problems.append(f"{len(unmapped)} checkpoint tensors are not mapped:\n  " + "\n  ".join(
-        f"{k} {tensors[k].shape}" for k in unmapped))
-  if mis_shaped:
-    problems.append(f"{len(mis_shaped)} tensors have the wrong shape:\n  " + "\n  ".join(sorted(mis_shaped)))
-  if problems:
-    raise CheckpointMismatchError("checkpoint does not match the model:\n" + "\n".join(problems))
-  for var, value in assignments:
-    var.assign(value.astype(var.dtype))
-  return {"loaded": len(assignments), "resampled": resampled, "ignored": ignored}
+  assign.assign_all_or_nothing(mapping, tensors, fit=fit, not_loaded=ignored, strict=strict)
+  return {"loaded": len(mapping), "resampled": resampled, "ignored": ignored}
 
 
 def import_checkpoint(*, checkpoint: str, num_frames: int = 32, crop_size: int = 224, num_heads=None,
