@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` importable
+
 CONFIGS = {
     # name: (constructor, kwargs, input shape without batch, size label)
     ("s3d", "paper"): ("S3D", {}, (32, 200, 200, 3)),
@@ -30,19 +32,10 @@ CONFIGS = {
 
 
 def _graph_gflops(concrete) -> float:
-  """2 * MACs of every conv / matmul op of a traced graph (static shapes, batch 1)."""
-  import numpy as np
-  total = 0
-  for op in concrete.graph.get_operations():
-    if op.type in ("Conv2D", "Conv3D"):
-      out = op.outputs[0].shape.as_list()
-      kernel = op.inputs[1].shape.as_list()
-      total += 2 * int(np.prod(out)) * int(np.prod(kernel[:-1]))
-    elif op.type == "MatMul":
-      a, b = op.inputs[0].shape.as_list(), op.outputs[0].shape.as_list()
-      k = a[0] if op.get_attr("transpose_a") else a[1]
-      total += 2 * b[0] * b[1] * k
-  return total / 1e9
+  """2 * MACs of every conv / matmul / einsum op of a traced graph (static shapes, batch 1): the counter of
+  benchmarks/train_step.py, the one every benchmark uses."""
+  from benchmarks.train_step import op_flops
+  return sum(op_flops(op) for op in concrete.graph.get_operations()) / 1e9
 
 
 def _timed(fn, x, iters: int) -> float:

@@ -40,13 +40,13 @@ CONFIGS = {
 
 def _forward_flops(concrete) -> float:
   """2 x multiply-adds of the conv/matmul ops in a traced forward graph (static shapes required)."""
-  return float(sum(_op_flops(op) for op in concrete.graph.get_operations()))
+  return float(sum(op_flops(op) for op in concrete.graph.get_operations()))
 
 
 UNCOUNTED_OPS: set[str] = set()
 
 
-def _op_flops(op) -> float:
+def op_flops(op) -> float:
   """2 x multiply-adds of one conv / matmul op, forward or gradient (0 for every other op)."""
   import numpy as np
   t = op.type
@@ -94,7 +94,7 @@ def _executed_flops(concrete) -> float:
       seen[op.name] = op
       stack.extend(t.op for t in op.inputs)
       stack.extend(op.control_inputs)
-  return float(sum(_op_flops(op) for op in seen.values()))
+  return float(sum(op_flops(op) for op in seen.values()))
 
 
 def _model_config(spec):

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` importable
 
-from benchmarks.train_step import _op_flops  # noqa: E402  the shared counter (module docstring)
+from benchmarks.train_step import op_flops  # noqa: E402  the shared counter (module docstring)
 
 VIEWS = 12  # paper Table 1: 4 temporal clips x 3 spatial crops
 PAPER_TABLE1_TFLOPS = {"base": 9.09, "medium": 15.02, "large": 29.80}  # 12 views at 32x320^2
@@ -47,7 +47,7 @@ def graph_gflops(model, shape, *, dtype="float32") -> dict:
   graph = fn.get_concrete_function(tf.TensorSpec((1, *shape), dtype)).graph
   total = attention = 0.0
   for op in graph.get_operations():
-    flops = _op_flops(op)
+    flops = op_flops(op)
     total += flops
     if op.type == "Einsum" and op.get_attr("equation").decode() in ATTENTION_EQUATIONS:
       attention += flops
