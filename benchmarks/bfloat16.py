@@ -35,7 +35,7 @@ PARITY_MODELS = ("s3d", "tsm_resnet50", "audio_resnet50", "vatt_video_base", "va
 PAPER_VIDEO = (32, 200, 200, 3)
 PAPER_AUDIO = (320, 80, 1)  # 3.2 s of log-mel at 10 ms hops (the MMV audio window), 80 mel bins
 VATT_VIDEO = (32, 224, 224, 3)  # VATT pretraining: 32 frames at 10 fps, 224^2 (docs/families.md)
-VATT_AUDIO = (153600,)          # 3.2 s of 48 kHz waveform
+VATT_AUDIO = (153600, 1)        # 3.2 s of 48 kHz waveform, [N,1] as the tower takes it
 BRAVE_NARROW = (16, 224, 224, 3)  # BraVe's narrow view: 16 frames, 224^2
 BRAVE_BROAD_AUDIO = (3072, 80, 1)  # BraVe's broad audio view: 10.24 s -> 3072 log-mel frames x 80 bins
 
