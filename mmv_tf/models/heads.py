@@ -27,6 +27,14 @@ import keras
 
 from mmv_tf.models import layers
 
+# Which FAC output compares two modalities (MMV section 3.1; VATT uses the same head): video, images and audio
+# meet in the fine space `va`, anything with text in the coarse space `vat` (the TF-Hub MMV usage rules).
+FAC_EMBEDDING_SPACES = {
+    frozenset({"video", "text"}): "vat", frozenset({"image", "text"}): "vat",
+    frozenset({"audio", "text"}): "vat", frozenset({"video", "audio"}): "va",
+    frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
+}
+
 
 def parse_head_mode(mode: str) -> tuple[str, tuple[int, ...], bool]:
   """`'linear'` → ('linear', (), False); `'mlp@512'` → ('mlp', (512,), True); `'mlp_nobn@..'` → no inner BN."""

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from mmv_tf.data import views
 from mmv_tf.families.base import Family
+from mmv_tf.models import heads as shared_heads
 from mmv_tf.demo_settings import DemoSettings, Threshold
 from mmv_tf.families.mmv import model as mmv_model
 
@@ -83,12 +84,7 @@ DEMO = DemoSettings(
 
 class MMVFamily(Family):
   name = "mmv"
-  # Which space compares two modalities (the TF-Hub MMV usage rules; docs/serving.md).
-  embedding_spaces = {
-      frozenset({"video", "text"}): "vat", frozenset({"image", "text"}): "vat",
-      frozenset({"audio", "text"}): "vat", frozenset({"video", "audio"}): "va",
-      frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
-  }
+  embedding_spaces = shared_heads.FAC_EMBEDDING_SPACES  # which space compares two modalities
   vocabulary_size_key = "vocab_size"
   gin_dir = "mmv"
   tiny_config = staticmethod(mmv_model.tiny_mmv_config)

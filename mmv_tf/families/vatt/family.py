@@ -14,6 +14,7 @@ import tensorflow as tf
 from mmv_tf.data import views
 from mmv_tf.demo_settings import DemoSettings, Threshold
 from mmv_tf.families.base import Family
+from mmv_tf.models import heads as shared_heads
 from mmv_tf.families.vatt import model as vatt_model
 
 # Data settings the model config's `preprocessing` owns: a training `options` entry may not restate them.
@@ -93,12 +94,7 @@ DEMO = DemoSettings(
 
 class VATTFamily(Family):
   name = "vatt"
-  # Which space compares two modalities: MMV's rules (S_va for video-audio, S_vat for pairs with text).
-  embedding_spaces = {
-      frozenset({"video", "text"}): "vat", frozenset({"audio", "text"}): "vat",
-      frozenset({"video", "audio"}): "va", frozenset({"image", "text"}): "vat",
-      frozenset({"image", "audio"}): "va", frozenset({"video", "image"}): "va",
-  }
+  embedding_spaces = shared_heads.FAC_EMBEDDING_SPACES  # which space compares two modalities
   vocabulary_size_key = "vocab_size"
   gin_dir = "vatt"
   tiny_config = staticmethod(vatt_model.tiny_vatt_config)
