@@ -296,6 +296,35 @@ def test_trains_resumes_exports_and_evaluates(tmp_path, data):
     assert 0.0 <= tasks[task]["R@10"] <= 1.0, (task, tasks[task])
 
 
+def test_modality_agnostic_model_trains_a_step_and_exports(tmp_path, data):
+  """One shared Transformer for all modalities (paper section 3.3): a training step moves its weights, and the
+  SavedModel's towers equal the restored model's."""
+  from mmv_tf.serving import export
+  from mmv_tf.training import trainer
+  model_dir = str(tmp_path / "ma")
+  config = vatt_model.tiny_vatt_config(None, num_frames=4, stride=1, crop_size=16, video_patch_size=(2, 8, 8),
+                                       audio_patch_size=640, backbone="modality_agnostic")
+  common = dict(family="vatt", model_dir=model_dir, batch_size=4, model_config=config,
+                train_files=os.path.join(data, "train-*.tfrecord"), learning_rate=1e-3, schedule="constant",
+                loss_config={"temperature": 0.1}, data_config={"shuffle_buffer": 4, "color_augmentation": False},
+                log_every=1, checkpoint_every=1, print_fn=lambda line: None)
+  assert trainer.train(steps=1, **common).step == 1
+  _, _, before = families.restore(model_dir)
+  result = trainer.train(steps=2, **common)  # resumes: one more step
+  assert result.step == 2 and np.isfinite(result.history[-1]["loss"])
+  _, _, trained = families.restore(model_dir)
+  moved = [not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(trained.agnostic_backbone.weights,
+                                                                     before.agnostic_backbone.weights)]
+  assert trained.video_backbone is None and sum(moved) > len(moved) // 2, moved
+  version = export.export_from_model_dir(model_dir=model_dir, export_base=str(tmp_path / "export"))
+  loaded = tf.saved_model.load(version)
+  batch = _batch(seed=3, batch=2)
+  got, want = loaded.signatures["video"](video=tf.constant(batch["video"])), trained.embed_video(batch["video"])
+  np.testing.assert_allclose(got["vat"], want["vat"], rtol=1e-4, atol=1e-5)
+  got, want = loaded.signatures["audio"](audio=tf.constant(batch["audio"])), trained.embed_audio(batch["audio"])
+  np.testing.assert_allclose(got["va"], want["va"], rtol=1e-4, atol=1e-5)
+
+
 def test_image_network_is_the_video_tower_on_the_image_repeated_to_one_tubelet(family, model):
   image_model, reason = family.image_model(None, model)
   assert reason is None and image_model.deflated

@@ -282,6 +282,31 @@ def test_full_size_bbs_model_maps_onto_the_layout():
   assert {p: sum(int(np.prod(v.shape)) for k, v in mapping.items() if k.startswith(p)) for p in BBS_COUNTS} == BBS_COUNTS
 
 
+@pytest.mark.slow
+def test_full_size_bbs_checkpoint_exports_and_serves_at_320_px(tmp_path, capsys):
+  """Fine-tuning/serving resolution end to end (paper section 4.3: 32 frames at 320 px): a full-size BBS
+  checkpoint (random values, the official key layout) imported with `--crop_size 320` re-samples the spatial
+  tables 14 -> 20, exports, and the export's video signature equals the in-process model at 32 x 320^2."""
+  # Trained-like scales (kernels ~ 1/sqrt(fan-in)): synthesize()'s N(0, 0.3^2) kernels saturate 12 layers of
+  # 768-wide softmax attention, where float32 rounding alone then changes the outputs by percents.
+  tensors = {k: v if v.ndim < 2 or "embeddings" in k else v * np.float32(1 / (0.3 * np.sqrt(np.prod(v.shape[:-1]))))
+             for k, v in synthesize(official_shapes(**BBS)).items()}
+  prefix = write_checkpoint(str(tmp_path / "ckpt-1"), tensors, extra=False)
+  del tensors
+  base = str(tmp_path / "export")
+  assert cli.main(["import-checkpoint", "--format", "vatt-tf", "--checkpoint", prefix, "--export_dir", base,
+                   "--num_frames", "32", "--crop_size", "320", "--no_warmup"]) == 0
+  assert '"position_tables_resampled": 2' in capsys.readouterr().out  # vertical, horizontal
+  model, _ = import_tf.import_checkpoint(checkpoint=prefix, num_frames=32, crop_size=320)
+  assert model.get_config()["video_buckets"] == [8, 20, 20]
+  video = tf.random.stateless_uniform([1, 32, 320, 320, 3], seed=[7, 8])
+  got = tf.saved_model.load(os.path.join(base, "1")).signatures["video"](video=video)
+  want = model.embed_video(video)
+  for k in ("before_head", "va", "vat"):
+    np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-4, atol=1e-4)
+  assert np.abs(want["before_head"].numpy()).max() > 0.1
+
+
 def test_bad_num_heads_are_rejected():
   arrays = official_shapes_arrays()
   with pytest.raises(ValueError, match="do not split into 3 heads"):
