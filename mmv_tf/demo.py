@@ -442,10 +442,14 @@ def _wait_available(server, *, model_name: str, timeout: float = 120.0) -> None:
 def _first_image_jpeg(pattern: str) -> bytes:
   import tensorflow as tf
 
-  from mmv_tf.data import records
-  for serialized in tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).take(1):
+  from mmv_tf.data import records, tfrecord_reading
+  files = sorted(tf.io.gfile.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f"no files match {pattern}")
+  # Fault-isolated reading (docs/training.md, bad data): a damaged first shard does not stop the demo.
+  for serialized in tfrecord_reading.TFRecordFiles(files).dataset().take(1):
     return records.sequence_example_to_clip(serialized.numpy()).jpeg_frames[0]
-  raise FileNotFoundError(f"no images in {pattern}")
+  raise FileNotFoundError(f"no readable records in {pattern}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -125,6 +125,18 @@ def test_waveforms_fit_a_fixed_signature_length():
   assert demo._fit_length(x, None) is x
 
 
+def test_query_image_skips_a_damaged_first_shard(tmp_path):
+  """The serve stage's query image comes from the first readable record: a garbage first shard is skipped."""
+  from mmv_tf.data import records
+  (tmp_path / "images-00000-of-00002.tfrecord").write_bytes(b"\x07 not a tfrecord at all" * 10)
+  with records.AtomicShardWriter(str(tmp_path / "images-00001-of-00002.tfrecord")) as writer:
+    writer.write(records.clip_to_sequence_example(records.Clip(jpeg_frames=[b"JPEG-1", b"JPEG-2"]))
+                 .SerializeToString())
+  assert demo._first_image_jpeg(str(tmp_path / "images-*.tfrecord")) == b"JPEG-1"
+  with pytest.raises(FileNotFoundError, match="no files match"):
+    demo._first_image_jpeg(str(tmp_path / "nothing-*.tfrecord"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # ~8 min on an idle 2-core machine; 2-3x that under load
 def test_demo_learns_exports_serves_and_resumes(tmp_path):
