@@ -11,8 +11,12 @@ ours is `make_pretraining_dataset(..., scale_jitter=False)` (DMVR's `add_image` 
 Each measurement runs in its own process; the systems alternate A B A B for `--rounds` rounds and the
 medians are reported, wall clips/s and clips per CPU-second of the process, with their ratios.
 
-  .venv/bin/python benchmarks/input_pipeline.py --dmvr_src /tmp/dmvr_src [--rounds 3] [--batches 30]
-      [--ours_colour exact fused] [--with_baseline]
+  .venv/bin/python benchmarks/input_pipeline.py --dmvr_src /tmp/dmvr_src [--config mmv|vatt] [--rounds 3]
+      [--batches 30] [--ours_colour exact fused] [--with_baseline]
+
+`--config vatt` runs VATT's pre-training inputs instead (32 x 224^2, raw 3.2 s waveform, 5 captions; see
+CONFIGS). BraVe's views have no DMVR counterpart (random-resized crop, blur, synchronised two-view
+sampling), so there is no BraVe configuration.
 
 **Built-in baseline** (no `--dmvr_src`, or `--with_baseline`): OUR pipeline with its `decode_frames`
 step replaced by decode-everything -> resize short side -> scale-jitter resize -> random crop (DMVR's
@@ -115,8 +119,16 @@ def measure(ds, *, batches, batch_size, warmup=3):
 # Against DMVR itself (issue #17): DMVR-layout records, the MMV training configuration, one process per
 # measurement, systems alternating.
 
-DMVR_CONFIG = dict(batch_size=8, num_frames=32, crop_size=200, min_resize=224, num_samples=153600,
-                   sample_rate=48000, num_mel_bins=80, max_tokens=16)
+# --config mmv: issue #17's MMV configuration. --config vatt: VATT's pre-training inputs (paper section 4.1):
+# 32 frames x 224^2 after resizing the short side to 224, the raw waveform of the same 3.2 s (no log-mel),
+# 5 captions x 16 tokens. Both: random flip, colour augmentation (DMVR's `color_default_augm`), no scale
+# jitter, pixels in [0, 1] (VATT's [-1, 1] is one multiply-add that our VATT model does on the accelerator).
+CONFIGS = {
+    "mmv": dict(batch_size=8, num_frames=32, crop_size=200, min_resize=224, num_samples=153600,
+                sample_rate=48000, num_mel_bins=80, max_tokens=16, num_captions=1),
+    "vatt": dict(batch_size=8, num_frames=32, crop_size=224, min_resize=224, num_samples=153600,
+                 sample_rate=48000, num_mel_bins=None, max_tokens=16, num_captions=5),
+}
 
 
 def write_dmvr_layout(directory):
@@ -145,10 +157,9 @@ def import_dmvr(dmvr_src):
   return builders, modalities, dmvr_processors, tokenizers, video_dataset
 
 
-def dmvr_dataset(*, dmvr_src, pattern, vocab_path):
-  """DMVR's own MMV-style training pipeline (as in its examples/linear_mmv_hmdb.py, training mode)."""
+def dmvr_dataset(*, dmvr_src, pattern, vocab_path, c):
+  """DMVR's own training pipeline for config `c` (as in its examples/linear_mmv_hmdb.py, training mode)."""
   builders, modalities, dmvr_processors, tokenizers, video_dataset = import_dmvr(dmvr_src)
-  c = DMVR_CONFIG
 
   class Factory(video_dataset.BaseVideoDatasetFactory):
 
@@ -164,10 +175,12 @@ def dmvr_dataset(*, dmvr_src, pattern, vocab_path):
       modalities.add_audio(self.parser_builder, self.sampler_builder, self.postprocessor_builder,
                            preprocessor_builder=self.preprocessor_builder, is_training=True,
                            num_samples=c["num_samples"], sample_rate=c["sample_rate"])
-      modalities.add_spectrogram(self.preprocessor_builder, self.postprocessor_builder, is_training=True,
-                                 sample_rate=c["sample_rate"], num_features=c["num_mel_bins"])
+      if c["num_mel_bins"]:
+        modalities.add_spectrogram(self.preprocessor_builder, self.postprocessor_builder, is_training=True,
+                                   sample_rate=c["sample_rate"], num_features=c["num_mel_bins"])
       modalities.add_text(self.parser_builder, self.decoder_builder, self.preprocessor_builder,
-                          tokenizer, is_training=True, max_num_captions=1, max_num_tokens=c["max_tokens"])
+                          tokenizer, is_training=True, max_num_captions=c["num_captions"],
+                          max_num_tokens=c["max_tokens"])
 
   tokenizer = tokenizers.WordTokenizer(vocab_path)
   tokenizer.initialize()
@@ -175,24 +188,26 @@ def dmvr_dataset(*, dmvr_src, pattern, vocab_path):
   return factory.make_dataset(shuffle=True, batch_size=c["batch_size"])
 
 
-def ours_dataset(*, pattern, vocab_path, colour, baseline=False):
-  c = DMVR_CONFIG
+def ours_dataset(*, pattern, vocab_path, colour, c, baseline=False):
+  mel = dict(with_log_mel=True, log_mel_settings={"num_mel_bins": c["num_mel_bins"]}) if c["num_mel_bins"] \
+      else dict(with_log_mel=False, with_waveform=True)
   return make(pattern=pattern, vocab=vocab_path, baseline=baseline, batch_size=c["batch_size"],
               num_frames=c["num_frames"], stride=1, crop_size=c["crop_size"], min_resize=c["min_resize"],
-              num_captions=1, max_tokens=c["max_tokens"], sample_rate=c["sample_rate"],
-              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, color_mode=colour)
+              num_captions=c["num_captions"], max_tokens=c["max_tokens"], sample_rate=c["sample_rate"],
+              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, color_mode=colour, **mel)
 
 
 def run_worker(args):
   """One measurement in this process; prints one JSON line."""
   pattern, vocab_path = write_dmvr_layout(args.data_dir)
+  c = CONFIGS[args.config]
   if args.worker == "dmvr":
-    ds = dmvr_dataset(dmvr_src=args.dmvr_src, pattern=pattern, vocab_path=vocab_path)
+    ds = dmvr_dataset(dmvr_src=args.dmvr_src, pattern=pattern, vocab_path=vocab_path, c=c)
   else:
     system, _, colour = args.worker.partition(":")
-    ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=colour or "exact",
+    ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=colour or "exact", c=c,
                       baseline=system == "baseline")
-  wall, cpu = measure(ds, batches=args.batches, warmup=args.warmup, batch_size=DMVR_CONFIG["batch_size"])
+  wall, cpu = measure(ds, batches=args.batches, warmup=args.warmup, batch_size=c["batch_size"])
   print("RESULT " + json.dumps({"system": args.worker, "wall": wall, "cpu": cpu}), flush=True)
 
 
@@ -203,7 +218,7 @@ def run_against_dmvr(args):
   for r in range(args.rounds):
     for system in systems:
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--data_dir", args.data_dir,
-             "--batches", str(args.batches), "--warmup", str(args.warmup)]
+             "--batches", str(args.batches), "--warmup", str(args.warmup), "--config", args.config]
       if args.dmvr_src:
         cmd += ["--dmvr_src", args.dmvr_src]
       out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -211,12 +226,14 @@ def run_against_dmvr(args):
       results[system].append((res["wall"], res["cpu"]))
       print(f"round {r + 1} {system}: {res['wall']:.1f} clips/s, {res['cpu']:.2f} clips/CPU-s, "
             f"load {os.getloadavg()[0]:.1f}", flush=True)
-  labels = {"dmvr": "DMVR (add_image/add_audio/add_spectrogram/add_text + color_default_augm)",
+  audio = "add_audio/add_spectrogram" if CONFIGS[args.config]["num_mel_bins"] else "add_audio (waveform)"
+  labels = {"dmvr": f"DMVR (add_image/{audio}/add_text + color_default_augm)",
             "baseline": "mmv_tf with our decode-then-crop baseline step (not DMVR), colour exact"}
   labels.update({f"ours:{c}": f"mmv_tf (make_pretraining_dataset, scale_jitter=False, color_mode={c})"
                  for c in args.ours_colour})
   med = {s: tuple(float(np.median([v[i] for v in results[s]])) for i in range(2)) for s in systems}
-  print(f"\ncpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, rounds: "
+  print(f"\nconfig: {args.config} {CONFIGS[args.config]}")
+  print(f"cpu cores: {os.cpu_count()}, load average at end: {os.getloadavg()[0]:.1f}, rounds: "
         f"{args.rounds} (A B A B, one process each), batches/measurement: {args.batches} after "
         f"{args.warmup} warm-up; medians")
   print("| pipeline | clips/s (wall) | clips per CPU-second | vs DMVR (wall) | vs DMVR (CPU) |")
@@ -263,6 +280,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default="/tmp/mmv_tf_bench_input_pipeline")
   parser.add_argument("--dmvr_src", default=None, help="DMVR source tree: compare against DMVR itself")
+  parser.add_argument("--config", default="mmv", choices=sorted(CONFIGS),
+                      help="with --dmvr_src: the training configuration both pipelines run")
   parser.add_argument("--with_baseline", action="store_true",
                       help="with --dmvr_src: also run our decode-then-crop baseline step")
   parser.add_argument("--ours_colour", nargs="+", default=["exact", "fused"], choices=["exact", "fused"],
