@@ -10,7 +10,7 @@ gin/brave/*.gin (paper) and gin/tiny/brave_*.gin (CPU).
 | metrics | per-term losses come with the loss; here the cosine of each pair and the feature norms |
 | optimiser | LARS from the gin files; the family adds the predictor's gradient scale x10 (`heads.BRAVE_GRADIENT_SCALES`) |
 | evaluation | `BraveEmbedder`: the narrow tower for video (the probe uses `before_head`), the broad audio tower on waveforms |
-| embedding spaces | video <-> audio: `projection` (see `BraveFamily.embedding_spaces`) |
+| embedding spaces | video <-> audio and image <-> audio: `cross_view`; video <-> image: `projection` (see `BraveFamily.embedding_spaces`) |
 | released checkpoints | `mmv-tf import-checkpoint --format brave` (`import_npy.py`; docs/checkpoints.md) |
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class BraveEmbedder(features.ModelEmbedder):
     image = None
     if image_model is not None:
       from mmv_tf.families.brave.signatures import image_features
-      image = lambda x: model.project_features(image_features(image_model(x, training=False)))
+      image = lambda x: model.project_features(image_features(image_model(x, training=False)), narrow=True)
     super().__init__(name=name, embedding_spaces=embedding_spaces, audio=audio, image=image,
                      video=lambda x: model.embed_video(x, training=False))
     self.model, self.image_model = model, image_model
@@ -75,8 +75,8 @@ DEMO = DemoSettings(
         Threshold("tasks/linear_probe_video/top1", "narrow video probe top-1", 2.0, 0.05),
     ),
     reported=(
-        Threshold("tasks/audio_to_video/R@10", "audio→video R@10 (proj.)", 0.0, 0.0),
-        Threshold("tasks/video_to_audio/R@10", "video→audio R@10 (proj.)", 0.0, 0.0),
+        Threshold("tasks/audio_to_video/R@10", "audio→video R@10 (cross_view)", 0.0, 0.0),
+        Threshold("tasks/video_to_audio/R@10", "video→audio R@10 (cross_view)", 0.0, 0.0),
         # (No audio probe: the shared audio probe reads `last_conv`, which BraveEmbedder does not output.)
         Threshold("tasks/linear_probe_image/top1", "deflated image probe top-1", 0.0, 0.0),
     ),
@@ -87,11 +87,14 @@ DEMO = DemoSettings(
 
 class BraveFamily(Family):
   name = "brave"
-  # BraVe trains prediction(one view) against projection(other view); the interface names one output per
-  # pair, so both sides use the projection z: the narrow and broad z are the targets each predictor
-  # regresses, and they live in one space through the shared head. (A prediction/projection pair would
-  # need an asymmetric entry: see the report of issue #15.)
-  embedding_spaces = {frozenset({"video", "audio"}): "projection", frozenset({"image", "audio"}): "projection",
+  # BraVe trains prediction(one view) against projection(the other view), so a narrow (video; image, the
+  # deflated narrow network) <-> broad (audio) pair meets in `cross_view`, whose dot product is 1 - the
+  # pair's loss / 2 (losses.cross_view_embedding): retrieval ranks by the training objective, with one
+  # output name per pair. Projection against projection stays at chance (docs/families.md). Video and
+  # image are both the narrow network and no loss term compares two narrow views: they meet in the
+  # projection z, the same network's output for either input (docs/families.md, BraVe).
+  embedding_spaces = {frozenset({"video", "audio"}): brave_model.CROSS_VIEW,
+                      frozenset({"image", "audio"}): brave_model.CROSS_VIEW,
                       frozenset({"video", "image"}): "projection"}
   vocabulary_size_key = None
   gin_dir = "brave"
