@@ -9,11 +9,12 @@ unit vectors â = a / N(a):
          R(h_n, z_b) (narrow predicts broad), all terms weighted equally
 
 sg is a stop-gradient: gradients reach the predicting view only, and there is no EMA target network.
-
-Retrieval ranks candidates by this objective (`cross_view_embedding`): the narrow view's [ĥ; ẑ]/√2
-dotted with a broad view's [ẑ; ĥ]/√2 is (cos(h_n, z_b) + cos(z_n, h_b)) / 2 = 1 − (the pair's two
-terms) / 2, so the best-scoring candidate is the one the trained loss says the query predicts best.
 N is a safe norm, N(a) = max(‖a‖, ε) with ε = 1e-5, written so that its gradient stays finite at a = 0.
+
+Retrieval ranks candidates by this objective (`cross_view_embedding`): for one narrow and one broad
+input, the narrow side's [ĥ; ẑ]/√2 dotted with the broad side's [ẑ; ĥ]/√2 is (cos(h_n, z_b) +
+cos(z_n, h_b)) / 2 = 1 − (the sum of the pair's two terms for that input pair) / 2; with one broad view,
+the batch mean of matching pairs' scores is 1 − `brave_loss`'s total (the mean of the two terms).
 
 Replicas: every term is a per-example mean, so the per-replica value is `sum(own rows) / global batch`
 (the convention of `mmv_tf.losses`): the sum over replicas is the global mean, and the summed
