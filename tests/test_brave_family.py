@@ -335,6 +335,11 @@ def test_signatures_run_their_examples_and_image_uses_the_deflated_narrow_tower(
   # Images go through the narrow network: the narrow side's layout [ĥ; ẑ]/√2.
   np.testing.assert_allclose(served["cross_view"].numpy()[:, :8], _unit(served["prediction"]) / np.sqrt(2),
                              rtol=1e-5, atol=1e-6)
+  # `mmv-tf query` cannot tell the head's three outputs apart: it asks for --space (docs/serving.md).
+  from mmv_tf.serving import client as client_lib
+  served_outputs = {m: sigs[m].outputs for m in ("video", "audio", "image")}
+  with pytest.raises(ValueError, match=r"any of \['cross_view', 'prediction', 'projection'\]"):
+    client_lib.shared_space(served_outputs, "video", "audio")
   video = brave.signatures(model)
   assert list(video) == ["video", "audio", "audio_spectrogram"]
   broad = brave.build_model(M.tiny_brave_config(broad="video", **TINY))
