@@ -153,9 +153,13 @@ def test_outputs_and_loss_on_a_tiny_batch(brave, broad):
   out = model(batch, training=True)
   view = "audio" if broad == "audio" else "broad"
   assert set(out) == {"narrow", view}
-  for o in out.values():
-    assert set(o) == {"before_head", "projection", "prediction"}
+  for name, o in out.items():
+    assert set(o) == {"before_head", "projection", "prediction", "cross_view"}
     assert all(x.dtype == tf.float32 for x in o.values()) and o["projection"].shape == (3, 8)
+    # Retrieval's space: [ĥ; ẑ]/√2 on the narrow side, [ẑ; ĥ]/√2 on the broad one.
+    halves = [_unit(o["prediction"]), _unit(o["projection"])]
+    want_cv = np.concatenate(halves if name == "narrow" else halves[::-1], axis=-1) / np.sqrt(2)
+    np.testing.assert_allclose(o["cross_view"].numpy(), want_cv, rtol=1e-5, atol=1e-6)
   loss, terms = brave.make_loss(config)(out, batch)
   n, b = out["narrow"], out[view]
   want = {f"b_to_n/{view}": np.mean(1 - np.sum(_unit(b["prediction"]) * _unit(n["projection"]), -1)),
@@ -164,6 +168,9 @@ def test_outputs_and_loss_on_a_tiny_batch(brave, broad):
   for k, v in want.items():
     np.testing.assert_allclose(terms[k].numpy(), v, rtol=1e-5)
   np.testing.assert_allclose(loss.numpy(), np.mean(list(want.values())), rtol=1e-5)
+  # A clip's narrow and broad cross_view score 1 − its share of the loss: their mean is 1 − loss.
+  score = np.sum(n["cross_view"].numpy() * b["cross_view"].numpy(), axis=-1)
+  np.testing.assert_allclose(np.mean(score), 1 - loss.numpy(), rtol=1e-5)
   if broad == "audio":  # the broad tower sees BraVe's log-mel of the waveform
     mel = brave_audio.log_mel_spectrogram(batch["audio"])[..., None]
     np.testing.assert_allclose(model.embed_log_mel(mel, training=True)["prediction"].numpy(),
@@ -252,11 +259,24 @@ def test_brave_trains_with_lars_resumes_exports_and_evaluates(tmp_path, brave, d
   clip = np.random.default_rng(0).uniform(size=(2, 4, 32, 32, 3)).astype(np.float32)
   want = restored.embed_video(clip, training=False)
   got = loaded.signatures["video"](video=tf.constant(clip))
-  for k in ("before_head", "projection", "prediction"):
+  for k in ("before_head", "projection", "prediction", "cross_view"):
     np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
   wave = np.random.default_rng(1).uniform(-0.5, 0.5, size=(2, 4800)).astype(np.float32)
-  np.testing.assert_allclose(loaded.signatures["audio"](audio=tf.constant(wave))["projection"].numpy(),
-                             restored.embed_waveform(wave)["projection"].numpy(), rtol=1e-4, atol=1e-5)
+  served_audio = loaded.signatures["audio"](audio=tf.constant(wave))
+  want_audio = restored.embed_waveform(wave)
+  for k in ("projection", "cross_view"):
+    np.testing.assert_allclose(served_audio[k].numpy(), want_audio[k].numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+  # The served cross_view scores are the objective: (cos(h_v, z_a) + cos(z_v, h_a)) / 2.
+  served = got["cross_view"].numpy() @ served_audio["cross_view"].numpy().T
+  objective = (_unit(got["prediction"]) @ _unit(served_audio["projection"]).T
+               + _unit(got["projection"]) @ _unit(served_audio["prediction"]).T) / 2
+  np.testing.assert_allclose(served, objective, rtol=1e-4, atol=1e-5)
+  assert info["embedding_spaces"]["audio+video"] == "cross_view"
+  # Evaluation of the export finds what the family's spaces need (features.SavedModelEmbedder checks it).
+  from mmv_tf.evaluation import features
+  saved = features.SavedModelEmbedder(version)
+  assert saved.embedding_spaces[frozenset({"video", "audio"})] == "cross_view"
+  np.testing.assert_allclose(saved.embed_video(clip)["cross_view"], want["cross_view"].numpy(), rtol=1e-4, atol=1e-5)
 
   result = runner.evaluate(output_dir=str(tmp_path / "eval"), model_dir=model_dir, tasks=("probe",),
                            eval_pattern=os.path.join(data, "eval-*.tfrecord"),
@@ -304,13 +324,28 @@ def test_signatures_run_their_examples_and_image_uses_the_deflated_narrow_tower(
   assert list(sigs) == ["video", "audio", "audio_spectrogram", "image", "image_bytes"]
   for name, sig in sigs.items():
     out = sig.fn(tf.constant(sig.example))
-    assert sig.outputs == ("before_head", "projection", "prediction") and set(out) == set(sig.outputs), name
-    assert out["projection"].shape == (1, 8) and sig.doc, name
+    assert sig.outputs == ("before_head", "projection", "prediction", "cross_view"), name
+    assert set(out) == set(sig.outputs) and out["projection"].shape == (1, 8) and sig.doc, name
+    np.testing.assert_allclose(np.linalg.norm(out["cross_view"].numpy(), axis=-1), 1.0, rtol=1e-5)
   image = sigs["image"].example
-  want = model.project_features(image_model(image, training=False)["features"])
-  np.testing.assert_allclose(sigs["image"].fn(tf.constant(image))["prediction"].numpy(), want["prediction"].numpy(),
+  want = model.project_features(image_model(image, training=False)["features"], narrow=True)
+  served = sigs["image"].fn(tf.constant(image))
+  for k in ("prediction", "cross_view"):
+    np.testing.assert_allclose(served[k].numpy(), want[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+  # Images go through the narrow network: the narrow side's layout [ĥ; ẑ]/√2.
+  np.testing.assert_allclose(served["cross_view"].numpy()[:, :8], _unit(served["prediction"]) / np.sqrt(2),
                              rtol=1e-5, atol=1e-6)
+  # `mmv-tf query` cannot tell the head's three outputs apart: it asks for --space (docs/serving.md).
+  from mmv_tf.serving import client as client_lib
+  served_outputs = {m: sigs[m].outputs for m in ("video", "audio", "image")}
+  with pytest.raises(ValueError, match=r"any of \['cross_view', 'prediction', 'projection'\]"):
+    client_lib.shared_space(served_outputs, "video", "audio")
   video = brave.signatures(model)
   assert list(video) == ["video", "audio", "audio_spectrogram"]
   broad = brave.build_model(M.tiny_brave_config(broad="video", **TINY))
-  assert list(brave.signatures(broad)) == ["video", "broad_video"]
+  broad_sigs = brave.signatures(broad)
+  assert list(broad_sigs) == ["video", "broad_video"]
+  # The broad video tower is a broad side: [ẑ; ĥ]/√2.
+  out = broad_sigs["broad_video"].fn(tf.constant(broad_sigs["broad_video"].example))
+  np.testing.assert_allclose(out["cross_view"].numpy()[:, :8], _unit(out["projection"]) / np.sqrt(2),
+                             rtol=1e-5, atol=1e-6)

@@ -270,7 +270,7 @@ def test_cli_imports_and_exports(tmp_path, capsys, importer, broad):
   loaded = tf.saved_model.load(os.path.join(base, "1"))
   video = tf.random.stateless_uniform([2, NUM_FRAMES, CROP, CROP, 3], seed=[1, 2])
   got, want = loaded.signatures["video"](video=video), model.embed_video(video)
-  for k in ("before_head", "projection", "prediction"):
+  for k in ("before_head", "projection", "prediction", "cross_view"):
     np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
   assert np.abs(want["prediction"].numpy()).max() > 1e-2  # non-trivial outputs
   if broad == "audio":
@@ -279,7 +279,7 @@ def test_cli_imports_and_exports(tmp_path, capsys, importer, broad):
   else:
     clip = tf.random.stateless_uniform([2, 64, 16, 16, 3], seed=[3, 4])
     got, want = loaded.signatures["broad_video"](video=clip), model.embed_broad_video(clip)
-  for k in ("before_head", "projection", "prediction"):
+  for k in ("before_head", "projection", "prediction", "cross_view"):
     np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
 
 

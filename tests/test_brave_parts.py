@@ -85,6 +85,45 @@ def test_loss_zero_prediction_is_finite():
   assert np.all(np.isfinite(grad.numpy()))
 
 
+def np_cross_view(o, *, narrow):
+  """[ĥ; ẑ]/√2 for the narrow side, [ẑ; ĥ]/√2 for a broad side (losses.py's module doc)."""
+  h, z = _unit(o["prediction"]), _unit(o["projection"])
+  return np.concatenate([h, z] if narrow else [z, h], axis=-1) / np.sqrt(2.0)
+
+
+def test_cross_view_matches_numpy_and_is_unit_norm():
+  rng = np.random.default_rng(4)
+  o = _outputs(rng, b=4, d=6)
+  for narrow in (True, False):
+    got = losses.cross_view_embedding(projection=o["projection"], prediction=o["prediction"], narrow=narrow)
+    np.testing.assert_allclose(got.numpy(), np_cross_view(o, narrow=narrow), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(got.numpy(), axis=-1), 1.0, rtol=1e-5)
+  # Narrow against broad scores (cos(h_n, z_b) + cos(z_n, h_b)) / 2, for every query-candidate pair.
+  n, b = _outputs(rng, b=3, d=6), _outputs(rng, b=5, d=6)
+  score = (losses.cross_view_embedding(projection=n["projection"], prediction=n["prediction"], narrow=True).numpy()
+           @ losses.cross_view_embedding(projection=b["projection"], prediction=b["prediction"], narrow=False
+                                         ).numpy().T)
+  want = (_unit(n["prediction"]) @ _unit(b["projection"]).T + _unit(n["projection"]) @ _unit(b["prediction"]).T) / 2
+  np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_view_score_is_one_minus_half_the_pairs_loss():
+  rng = np.random.default_rng(5)
+  n, a = _outputs(rng, b=6, d=5), _outputs(rng, b=6, d=5)
+  total, terms = losses.brave_loss(narrow=n, broad={"audio": a})
+  cv = lambda o, narrow: losses.cross_view_embedding(projection=o["projection"], prediction=o["prediction"],
+                                                     narrow=narrow).numpy()
+  # Matching pairs (row i with row i): the batch mean of the scores is 1 − (sum of the two terms) / 2.
+  scores = np.sum(cv(n, True) * cv(a, False), axis=-1)
+  pair_loss = terms["b_to_n/audio"].numpy() + terms["n_to_b/audio"].numpy()
+  np.testing.assert_allclose(np.mean(scores), 1.0 - pair_loss / 2, rtol=1e-5)
+  np.testing.assert_allclose(np.mean(scores), 1.0 - total.numpy(), rtol=1e-5)  # brave_loss averages the terms
+  # Two narrow-side vectors compare h with h and z with z (not what the loss trains).
+  np.testing.assert_allclose(np.sum(cv(n, True) * cv(a, True), axis=-1),
+                             np.sum((_unit(n["prediction"]) * _unit(a["prediction"]))
+                                    + (_unit(n["projection"]) * _unit(a["projection"])), axis=-1) / 2, rtol=1e-5)
+
+
 def test_loss_needs_a_broad_view():
   with pytest.raises(ValueError, match="broad"):
     losses.brave_loss(narrow=_outputs(np.random.default_rng(0)), broad={})

@@ -11,7 +11,7 @@ L2 regression loss, a stop-gradient on the target projection and no EMA target n
 | `data` | the training views through the named-view pipeline, BraVe's augmentations, audio looping |
 | `signatures` | `video`, `audio`, `audio_spectrogram` (or `broad_video`), `image`, `image_bytes` |
 | `heads` | `Projector`, `Predictor` and the shared `BraveHead` (synchronized BN, float32 outputs) |
-| `losses` | `regression_loss` (1 − cos against a stop-gradient target), `brave_loss` (both directions) |
+| `losses` | `regression_loss` (1 − cos against a stop-gradient target), `brave_loss` (both directions), `cross_view_embedding` (retrieval by the loss) |
 | `audio` | BraVe's log-mel recipe (320-sample STFT, hop 160, log(1 + 10⁴·mel)) |
 | `augment` | per-clip Gaussian blur, random convolution, and the colour / flip settings of the paper |
 

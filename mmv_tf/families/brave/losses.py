@@ -11,6 +11,11 @@ unit vectors â = a / N(a):
 sg is a stop-gradient: gradients reach the predicting view only, and there is no EMA target network.
 N is a safe norm, N(a) = max(‖a‖, ε) with ε = 1e-5, written so that its gradient stays finite at a = 0.
 
+Retrieval ranks candidates by this objective (`cross_view_embedding`): for one narrow and one broad
+input, the narrow side's [ĥ; ẑ]/√2 dotted with the broad side's [ẑ; ĥ]/√2 is (cos(h_n, z_b) +
+cos(z_n, h_b)) / 2 = 1 − (the sum of the pair's two terms for that input pair) / 2; with one broad view,
+the batch mean of matching pairs' scores is 1 − `brave_loss`'s total (the mean of the two terms).
+
 Replicas: every term is a per-example mean, so the per-replica value is `sum(own rows) / global batch`
 (the convention of `mmv_tf.losses`): the sum over replicas is the global mean, and the summed
 gradients are those of the global mean. Everything is computed in float32.
@@ -37,6 +42,19 @@ def safe_normalize(x: tf.Tensor, *, epsilon: float = EPSILON) -> tf.Tensor:
   # sqrt has an infinite derivative at 0: feed it ones where its value is not used.
   norm = tf.where(small, epsilon, tf.sqrt(tf.where(small, tf.ones_like(squared), squared)))
   return x / norm
+
+
+def cross_view_embedding(*, projection: tf.Tensor, prediction: tf.Tensor, narrow: bool) -> tf.Tensor:
+  """Unit vectors [B, 2D] whose dot product across the two sides is 1 − the pair's loss / 2 (module doc).
+
+  The narrow side (`narrow=True`: the narrow tower, and images through the deflated narrow network) is
+  [ĥ; ẑ]/√2, a broad side (audio, broad video) [ẑ; ĥ]/√2. Prediction and projection are normalised
+  separately so each half weighs as much as the loss gives it; two vectors of one side compare h with h
+  and z with z instead, which the loss never trains.
+  """
+  h, z = safe_normalize(prediction), safe_normalize(projection)
+  halves = [h, z] if narrow else [z, h]
+  return tf.concat(halves, axis=-1) * (0.5 ** 0.5)
 
 
 def regression_loss(*, prediction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:

@@ -7,8 +7,10 @@
 | broad (`broad="video"`) | a second TSM-ResNet50 | `broad` [B,64,112,112,3] in [0,1] |
 | head | one `heads.BraveHead` (projector + predictor) for every view | pooled features |
 
-`call(batch)` returns per view {"before_head", "projection", "prediction"}, float32: "before_head" is the
-backbone's pooled output (what BraVe's evaluation uses), the other two the shared head's.
+`call(batch)` returns per view {"before_head", "projection", "prediction", "cross_view"}, float32:
+"before_head" is the backbone's pooled output (what BraVe's evaluation uses), "projection" and
+"prediction" the shared head's, "cross_view" their unit-norm concatenation whose dot product between
+the narrow and a broad view is 1 − that pair's loss / 2 (`losses.cross_view_embedding`).
 
 The backbones are MMV's networks with BraVe's settings: the same pre-activation design, stem, widths
 and temporal shift, BN momentum 0.9 and epsilon 1e-5, synchronized across replicas.
@@ -35,11 +37,14 @@ import tensorflow as tf
 
 from mmv_tf.families.brave import audio as brave_audio
 from mmv_tf.families.brave import heads
+from mmv_tf.families.brave import losses as brave_losses
 from mmv_tf.models import checkpointing
 from mmv_tf.models.backbones.resnet_audio import AudioResNet
 from mmv_tf.models.backbones.tsm_resnet import TSMResNet
 
 NARROW, BROAD_VIDEO, AUDIO = "narrow", "broad", "audio"
+# The output retrieval compares views in: ranks candidates by the training loss (losses.py).
+CROSS_VIEW = "cross_view"
 BROAD_KINDS = ("audio", "video")
 VIDEO_BACKBONES = {"tsm_resnet50": 1.0, "tsm_resnet50x2": 2.0}
 START_MODES = ("synced", "random")
@@ -153,20 +158,26 @@ class BraveNet(keras.Model):
     """The batch key of the broad view: `audio` (waveform) or `broad` (frames)."""
     return AUDIO if self.broad == "audio" else BROAD_VIDEO
 
-  def project_features(self, features, training=False) -> Dict[str, tf.Tensor]:
-    """The shared head on pooled features [B,C] (any tower's, or a deflated image network's)."""
+  def project_features(self, features, training=False, *, narrow: bool) -> Dict[str, tf.Tensor]:
+    """The shared head on pooled features [B,C] (any tower's, or a deflated image network's), and the
+    `cross_view` retrieval vector of the narrow or a broad side (`losses.cross_view_embedding`)."""
     features = keras.ops.cast(features, "float32")
     out = self.head(features, training=training)
-    return {"before_head": features, "projection": out["projection"], "prediction": out["prediction"]}
+    cross_view = brave_losses.cross_view_embedding(projection=out["projection"], prediction=out["prediction"],
+                                                   narrow=narrow)
+    return {"before_head": features, "projection": out["projection"], "prediction": out["prediction"],
+            CROSS_VIEW: cross_view}
 
   def embed_video(self, video, training=False) -> Dict[str, tf.Tensor]:
     """Narrow tower + head: frames [B,T,H,W,3] in [0,1] (T = num_frames)."""
-    return self.project_features(self.narrow_backbone(video, training=training)["features"], training)
+    return self.project_features(self.narrow_backbone(video, training=training)["features"], training,
+                                 narrow=True)
 
   def embed_broad_video(self, video, training=False) -> Dict[str, tf.Tensor]:
     if self.broad != "video":
       raise ValueError("this BraVe model's broad view is audio, not video")
-    return self.project_features(self.broad_backbone(video, training=training)["features"], training)
+    return self.project_features(self.broad_backbone(video, training=training)["features"], training,
+                                 narrow=False)
 
   def log_mel(self, waveform) -> tf.Tensor:
     """BraVe's log-mel of a waveform [B,S]: [B, ceil(S/hop), mel, 1] (audio.py, model preprocessing)."""
@@ -182,7 +193,8 @@ class BraveNet(keras.Model):
     """Broad audio tower + head on a BraVe log-mel [B,F,mel,1]."""
     if self.broad != "audio":
       raise ValueError("this BraVe model's broad view is video, not audio")
-    return self.project_features(self.broad_backbone(log_mel, training=training)["features"], training)
+    return self.project_features(self.broad_backbone(log_mel, training=training)["features"], training,
+                                 narrow=False)
 
   def embed_waveform(self, waveform, training=False) -> Dict[str, tf.Tensor]:
     return self.embed_log_mel(self.log_mel(waveform), training=training)

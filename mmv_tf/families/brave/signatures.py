@@ -1,5 +1,8 @@
 """Serving signatures of a BraVe model (docs/serving.md); every one outputs `before_head` (the backbone's
-pooled features, what BraVe's evaluation uses), `projection` and `prediction` (the shared head).
+pooled features, what BraVe's evaluation uses), `projection` and `prediction` (the shared head), and
+`cross_view` (`losses.cross_view_embedding`): unit vectors whose dot product between a narrow-side
+signature (`video`, `image*`) and a broad-side one (`audio*`, `broad_video`) is 1 − the pair's loss / 2,
+the space video<->audio and image<->audio retrieval use (`BraveFamily.embedding_spaces`).
 
 | signature | input (name dtype shape) | in-graph preprocessing | tower |
 |---|---|---|---|
@@ -20,7 +23,7 @@ import tensorflow as tf
 from mmv_tf.families.brave import model as brave_model
 from mmv_tf.serving import signatures as S
 
-OUTPUTS = ("before_head", "projection", "prediction")
+OUTPUTS = ("before_head", "projection", "prediction", brave_model.CROSS_VIEW)
 
 
 def _pick(out):
@@ -77,7 +80,9 @@ def image_features(out):
 
 def _image_signatures(model, image_model, rng) -> Dict[str, S.Signature]:
   def image_tower(images):
-    return _pick(model.project_features(image_features(image_model(images, training=False)), training=False))
+    # The deflated narrow network: the narrow side of `cross_view`.
+    return _pick(model.project_features(image_features(image_model(images, training=False)), training=False,
+                                        narrow=True))
 
   crop = model.crop_size
   return S.image_signatures(image_tower=image_tower, outputs=OUTPUTS, crop_size=crop, rng=rng,
