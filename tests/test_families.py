@@ -208,3 +208,12 @@ def test_toy_family_trains_resumes_exports_serves_and_evaluates(tmp_path, toy, d
   assert result["export_info"]["serving_default"] == "video"
   probe = result["evaluation"]["tasks"]["linear_probe_video"]
   assert probe["feature"] == "video/before_head" and 0.0 <= probe["top1"] <= 1.0, probe
+
+
+@pytest.mark.parametrize("name,key", [("mmv", "crop_size"), ("vatt", "num_captions"), ("brave", "num_frames")])
+def test_run_options_cannot_override_the_model_preprocessing(name, key):
+  """The model config's `preprocessing` is the one source of data settings (base.reject_preprocessing_options)."""
+  family = families.get(name)
+  config = family.complete_config({})
+  with pytest.raises(ValueError, match=rf"data options \['{key}'\] belong to the model config's `preprocessing`"):
+    family.train_dataset_fn(config, file_patterns="x", vocabulary=None, seed=0, options={key: 1, "random_flip": True})

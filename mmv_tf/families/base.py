@@ -34,6 +34,15 @@ LossFn = Callable[[Any, Mapping[str, tf.Tensor]], Tuple[tf.Tensor, Dict[str, tf.
 MetricsFn = Callable[[Any, Mapping[str, tf.Tensor]], Dict[str, tf.Tensor]]
 
 
+def reject_preprocessing_options(options: Mapping[str, Any], preprocessing_keys) -> None:
+  """A training run's data `options` must not set what the model config's `preprocessing` owns: that config
+  is the one source of data settings for training, evaluation and export (docs/families.md)."""
+  clash = sorted(set(options) & set(preprocessing_keys))
+  if clash:
+    raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
+                     "of data settings for training, evaluation and export); set them there")
+
+
 class Family:
   """Base class: subclasses override what their models need; see the module docstring."""
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mmv_tf.evaluation import features
 from mmv_tf.demo_settings import DemoSettings, Threshold
+from mmv_tf.families import base
 from mmv_tf.families.base import Family
 from mmv_tf.families.brave import heads
 from mmv_tf.families.brave import model as brave_model
@@ -119,10 +120,7 @@ class BraveFamily(Family):
 
   def train_dataset_fn(self, config, *, file_patterns, vocabulary, seed, options):
     from mmv_tf.families.brave import data
-    clash = sorted(set(options) & set(_PREPROCESSING_OPTIONS))
-    if clash:
-      raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
-                       "of data settings for training, evaluation and export); set them there")
+    base.reject_preprocessing_options(options, _PREPROCESSING_OPTIONS)
     return data.dataset_fn(config["preprocessing"], broad=config["broad"], file_patterns=file_patterns, seed=seed,
                            options=dict(options))
 

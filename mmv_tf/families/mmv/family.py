@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 import tensorflow as tf
 
 from mmv_tf.data import views
+from mmv_tf.families import base
 from mmv_tf.families.base import Family
 from mmv_tf.models import heads as shared_heads
 from mmv_tf.demo_settings import DemoSettings, Threshold
@@ -113,10 +114,7 @@ class MMVFamily(Family):
 
   def train_dataset_fn(self, config, *, file_patterns, vocabulary, seed, options):
     from mmv_tf.data import pipeline
-    clash = sorted(set(options) & set(_PREPROCESSING_OPTIONS))
-    if clash:
-      raise ValueError(f"data options {clash} belong to the model config's `preprocessing` (the one source "
-                       "of data settings for training, evaluation and export); set them there")
+    base.reject_preprocessing_options(options, _PREPROCESSING_OPTIONS)
     spec = pipeline_spec(self.preprocessing(config), options)
     rest = {k: v for k, v in options.items() if k not in _VIDEO_OPTIONS + _AUDIO_OPTIONS + _TEXT_OPTIONS}
     return functools.partial(pipeline.make_pretraining_dataset, file_patterns=file_patterns,
