@@ -51,6 +51,19 @@ def with_checks(checks, x):
     return tf.identity(x)
 
 
+def checked_log_mel(log_mel, signature, input_name):
+  """`log_mel` [B, F, bins, 1] after checking it has a batch and at least one frame."""
+  return with_checks([non_empty_batch(log_mel, signature, input_name),
+                      at_least(tf.shape(log_mel)[1], 1, signature, input_name, "F (dimension 1)")], log_mel)
+
+
+def checked_waveform(audio, min_samples: int, signature, input_name):
+  """`audio` [B, N] after checking it has a batch and at least `min_samples` (e.g. one spectrogram frame)."""
+  return with_checks([non_empty_batch(audio, signature, input_name),
+                      at_least(tf.shape(audio)[1], min_samples, signature, input_name, "N (dimension 1, samples)")],
+                     audio)
+
+
 def string_checks(strings, signature, input_name, *, utf8: bool):
   checks = [
       non_empty_batch(strings, signature, input_name),

@@ -50,14 +50,10 @@ def _audio_signatures(model, pre, rng) -> Dict[str, S.Signature]:
     return _pick(model.embed_log_mel(log_mel, training=False))
 
   def embed_log_mel(log_mel, signature, input_name):
-    checks = [S.non_empty_batch(log_mel, signature, input_name),
-              S.at_least(tf.shape(log_mel)[1], 1, signature, input_name, "F (dimension 1)")]
-    return audio_tower(S.with_checks(checks, log_mel))
+    return audio_tower(S.checked_log_mel(log_mel, signature, input_name))
 
   def audio(audio):
-    checks = [S.non_empty_batch(audio, "audio", "audio"),
-              S.at_least(tf.shape(audio)[1], frame_length, "audio", "audio", "N (dimension 1, samples)")]
-    return embed_log_mel(model.log_mel(S.with_checks(checks, audio)), "audio", "audio")
+    return embed_log_mel(model.log_mel(S.checked_waveform(audio, frame_length, "audio", "audio")), "audio", "audio")
 
   return {
       "audio": S.Signature(

@@ -74,16 +74,11 @@ def _audio_signatures(model, cfg, rng) -> Dict[str, S.Signature]:
     return {k: out[k] for k in ("last_conv", "va", "vat")}
 
   def embed_log_mel(log_mel, signature, input_name):
-    checks = [S.non_empty_batch(log_mel, signature, input_name),
-              S.at_least(tf.shape(log_mel)[1], 1, signature, input_name, "F (dimension 1)")]
-    return audio_tower(S.with_checks(checks, log_mel))
+    return audio_tower(S.checked_log_mel(log_mel, signature, input_name))
 
   def audio(audio):
-    checks = [S.non_empty_batch(audio, "audio", "audio"),
-              S.at_least(tf.shape(audio)[1], int(cfg["frame_length"]), "audio", "audio",
-                         "N (dimension 1, samples)")]
     log_mel = processors.log_mel_spectrogram(
-        S.with_checks(checks, audio), sample_rate=cfg["sample_rate"], frame_length=cfg["frame_length"],
+        S.checked_waveform(audio, int(cfg["frame_length"]), "audio", "audio"), sample_rate=cfg["sample_rate"], frame_length=cfg["frame_length"],
         frame_step=cfg["frame_step"], num_mel_bins=cfg["num_mel_bins"],
         lower_edge_hertz=cfg["lower_edge_hertz"], upper_edge_hertz=cfg["upper_edge_hertz"])
     return embed_log_mel(log_mel[..., None], "audio", "audio")
