@@ -1,12 +1,13 @@
-"""bfloat16 vs float32 on this CPU: forward speed of the video backbones and embedding parity.
+"""bfloat16 vs float32 on this CPU: forward speed of the backbones, the demo's training speed, embedding parity.
 
   /path/to/python benchmarks/bfloat16.py                        # speed (3 rounds) + parity, paper size
   /path/to/python benchmarks/bfloat16.py --rounds 1 --iters 1   # a quick look
   /path/to/python benchmarks/bfloat16.py --skip_speed           # parity only
   /path/to/python benchmarks/bfloat16.py --training --skip_speed --skip_parity   # demo training steps/s only
 
-Speed: forward clips/s of S3D-G and TSM-ResNet50 at paper size (32x200x200, batch 2), float32 and the
-Keras `mixed_bfloat16` policy (float32 variables, bfloat16 compute). Every measurement is its own
+Speed: forward clips/s of S3D-G and TSM-ResNet50 at paper size (32x200x200) and of VATT's Base towers
+(--backbones vatt_video_base,vatt_audio_base: 32x224^2 video, 153,600 audio samples), batch 2 unless
+--batch says otherwise, float32 and the Keras `mixed_bfloat16` policy (float32 variables, bfloat16 compute). Every measurement is its own
 process and the two precisions alternate (A B A B ...) so that a change of machine load hits both;
 the table gives the median over rounds and the ratio of medians.
 
