@@ -7,9 +7,9 @@
 
 Speed: forward clips/s of S3D-G and TSM-ResNet50 at paper size (32x200x200) and of VATT's Base towers
 (--backbones vatt_video_base,vatt_audio_base: 32x224^2 video, 153,600 audio samples), batch 2 unless
---batch says otherwise, float32 and the Keras `mixed_bfloat16` policy (float32 variables, bfloat16 compute). Every measurement is its own
-process and the two precisions alternate (A B A B ...) so that a change of machine load hits both;
-the table gives the median over rounds and the ratio of medians.
+--batch says otherwise, float32 and the Keras `mixed_bfloat16` policy (float32 variables, bfloat16
+compute). Every measurement is its own process and the two precisions alternate (A B A B ...) so that a
+change of machine load hits both; the table gives the median over rounds and the ratio of medians.
 
 Parity: each backbone at its paper size (MMV: S3D-G, TSM-ResNet50, audio ResNet50; VATT: ViT-Base video
 32x224^2, WaT-Base audio; BraVe: narrow TSM-ResNet50 16x224^2, broad audio ResNet50 on 3072x80) and the tiny demo model
