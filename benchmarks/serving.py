@@ -40,7 +40,7 @@ def _inputs(signature: str, batch: int, rng):
   return {"text": np.array([b"a person is playing the guitar"] * batch, object)}
 
 
-def _stats(latencies, elapsed, items):
+def latency_stats(latencies, elapsed, items):
   lat = np.array(latencies) * 1e3
   return {"p50": np.percentile(lat, 50), "p99": np.percentile(lat, 99), "items_per_s": items / elapsed}
 
@@ -74,7 +74,7 @@ def bench_sequential(loaded, address, signature, batch, n, rng):
     client.predict(signature, inputs)
     lat_grpc.append(time.perf_counter() - t)
   client.close()
-  return (_stats(lat_local, sum(lat_local), n * batch), _stats(lat_grpc, sum(lat_grpc), n * batch))
+  return (latency_stats(lat_local, sum(lat_local), n * batch), latency_stats(lat_grpc, sum(lat_grpc), n * batch))
 
 
 def bench_round_trip(address, n):
@@ -89,7 +89,7 @@ def bench_round_trip(address, n):
     client.status()
     lat.append(time.perf_counter() - t)
   client.close()
-  return _stats(lat, sum(lat), n)
+  return latency_stats(lat, sum(lat), n)
 
 
 def _concurrent_round(stubs, signature, inputs, total, lat):
@@ -114,17 +114,19 @@ def _concurrent_round(stubs, signature, inputs, total, lat):
   return time.perf_counter() - start
 
 
+def process_cpu_seconds(pid):
+  """CPU time (user + system, all threads) of process `pid` from /proc/<pid>/stat; 0.0 if unreadable."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()  # the command name in (...) may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return 0.0
+
+
 def _cpu_seconds(pids=()):
   """CPU time (user + system, all threads) of this process and of `pids` (server subprocesses)."""
-  total = time.process_time()
-  for pid in pids:
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-      pass
-  return total
+  return time.process_time() + sum(process_cpu_seconds(pid) for pid in pids)
 
 
 def bench_concurrent(addresses, signature, total, clients, round_size, rng, pids=()):
@@ -154,16 +156,20 @@ def bench_concurrent(addresses, signature, total, clients, round_size, rng, pids
   for a in addresses:
     for s in stubs[a]:
       s.close()
-  out = {a: _stats(lat[a], elapsed[a], total) for a in addresses}
+  out = {a: latency_stats(lat[a], elapsed[a], total) for a in addresses}
   for a in addresses:
     out[a]["cpu_ms_per_item"] = cpu[a] / total * 1e3
   return out
 
 
-class _ServerProcess:
-  """`mmv-tf serve` in a subprocess; batching counters are read from its Prometheus endpoint."""
+class ServerProcess:
+  """`mmv-tf serve` in a subprocess; batching counters are read from its Prometheus endpoint.
 
-  def __init__(self, base, enable_batching, args):
+  `ready` is the server's `{"event": "serving", ...}` line: the loaded version and its precision.
+  `args` (max_batch_size, batch_timeout_micros, num_batch_threads) is only read with `enable_batching`.
+  """
+
+  def __init__(self, base, enable_batching=False, args=None):
     import json
     import subprocess
     argv = [sys.executable, "-m", "mmv_tf.cli", "serve", "--model_base_path", base, "--port", "0",
@@ -182,7 +188,7 @@ class _ServerProcess:
     line = self.process.stdout.readline()
     if not line:
       raise RuntimeError(f"mmv-tf serve exited with {self.process.wait()}")
-    ready = json.loads(line)
+    self.ready = ready = json.loads(line)
     self.address = f"127.0.0.1:{ready['grpc_port']}"
     self.rest_port = ready["rest_api_port"]
 
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
 
   def serve(enable_batching):
     if args.server_process:
-      return _ServerProcess(base, enable_batching, args)
+      return ServerProcess(base, enable_batching, args)
     params = batching.BatchingParameters(max_batch_size=args.max_batch_size,
                                          batch_timeout_micros=args.batch_timeout_micros,
                                          num_batch_threads=args.num_batch_threads)
@@ -255,7 +261,7 @@ def main(argv=None) -> int:
     for signature in ("video", "text"):
       both = bench_concurrent([address, address_batching], signature, args.concurrent_requests, args.clients,
                               args.round, rng, pids=[x.process.pid for x in (srv, srv_batching)
-                                                     if isinstance(x, _ServerProcess)])
+                                                     if isinstance(x, ServerProcess)])
       run[(signature, "unbatched")], run[(signature, "batched")] = both[address], both[address_batching]
     runs.append(run)
   stats = srv_batching.batching_stats()
