@@ -19,7 +19,9 @@ Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradi
 here (the global norm needs them), so each replica passes its copy divided by the replica count.
 
 Input: on single-host strategies with `checkpoint_data_iterator` (the default), batches come from a
-`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint); otherwise from
+`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint: read positions and
+counters, not buffered records, for pipelines that use tf.data's symbolic checkpointing, as the
+experimental `make_pretraining_dataset(shuffle='block')` does; docs/training.md); otherwise from
 `pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
 checkpointed `skipped_records` counter.
 
@@ -40,6 +42,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
@@ -614,14 +617,17 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
                          print_fn=print_fn)
   def save(at_step):
     faults.before_save()
+    start = time.perf_counter()
     path = writer.save(at_step)
+    seconds = time.perf_counter() - start
     if path and "iterator" in objects and not reported_size:
       # Make the cost of the saved input position visible once per run (docs/training.md).
       reported_size.append(True)
       total = checkpointing.checkpoint_bytes(path)
       state = sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in model.variables + list(opt.variables))
       say(f"checkpoint {os.path.basename(path)}: {total / 1e6:.1f} MB, of which ~{max(total - state, 0) / 1e6:.1f}"
-          " MB input position (shuffle/prefetch buffers; checkpoint_data_iterator=False drops it)")
+          f" MB input position, written in {seconds:.2f} s (model + optimizer {state / 1e6:.1f} MB;"
+          " checkpoint_data_iterator=False drops the input position)")
     return path
 
   reported_size: List[bool] = []
