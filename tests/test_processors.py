@@ -119,6 +119,23 @@ def test_random_crop_window_bounds_jitter_and_seed():
   np.testing.assert_array_equal(no_jitter[2:], [229, 229])
 
 
+def test_random_resized_crop_window_area_aspect_and_seed():
+  size = tf.constant([256, 340])
+  fn = lambda seed: P.random_resized_crop_window(image_size=size, seed=seed)
+  assert_same_both_ways(fn, SEED)
+  windows = np.stack([fn(tf.constant([s, 3], tf.int64)).numpy() for s in range(200)])
+  y, x, h, w = windows.T.astype(np.float64)
+  assert (y >= 0).all() and (x >= 0).all() and (y + h <= 256).all() and (x + w <= 340).all()
+  area, aspect = h * w / (256 * 340), w / h
+  whole = (h == 256) & (w == 340)  # TF's fallback after 20 failed draws
+  # Integer rounding of the sides moves area and aspect by at most a few percent.
+  assert (area[~whole] >= 0.3 * 0.97).all() and (aspect[~whole] >= 0.5 * 0.97).all() and \
+      (aspect[~whole] <= 2.0 * 1.03).all()
+  assert whole.mean() < 0.1 and area.min() < 0.4 and aspect.min() < 0.7 and aspect.max() > 1.5
+  assert len({(a, b) for a, b in zip(y, x)}) > 150  # positions vary
+  np.testing.assert_array_equal(fn(tf.constant([7, 3], tf.int64)), windows[7])  # stateless
+
+
 def test_resize_smallest_central_crop_random_crop():
   frames = tf.reshape(tf.range(2 * 8 * 12 * 1, dtype=tf.float32), [2, 8, 12, 1])
   out = assert_same_both_ways(lambda f: P.resize_smallest(f, min_resize=4), frames)

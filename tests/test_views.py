@@ -82,3 +82,24 @@ def test_view_names_must_be_unique_and_audio_needs_a_time_span():
     views.build_processor(views.PipelineSpec(views=(views.VideoView(), views.VideoView())), is_training=True)
   with pytest.raises(ValueError, match="needs num_samples"):
     views.build_processor(views.PipelineSpec(views=(views.AudioView(align_to="nope"),)), is_training=True)
+
+
+def test_random_resized_crop_takes_one_window_per_view_and_resizes_it(tmp_path):
+  """An x-gradient frame (value = column): each clip's frames share one window, the windows vary between
+  clips, and a window's resized columns span [x, x + w) of the source, so the gradient's slope shows w."""
+  width, height = 64, 48
+  ramp = np.tile(np.linspace(0, 252, width, dtype=np.float64)[None, :, None], (height, 1, 3))
+  jpeg = tf.io.encode_jpeg(tf.constant(ramp.astype(np.uint8)), quality=100).numpy()
+  write_shard(tmp_path / "g-00000-of-00001.tfrecord",
+              [make_clip(label=i, num_frames=4, frames=[jpeg] * 4) for i in range(6)])
+  spec = views.PipelineSpec(views=(views.VideoView(
+      num_frames=2, stride=1, crop_size=16, min_resize=None, random_flip=False, color_augmentation=False,
+      random_resized_crop=True),), frame_rate=10.0, sample_rate=SR)
+  videos = np.concatenate([b["video"] for b in _batches(str(tmp_path / "g-*.tfrecord"), spec, n=3)])
+  np.testing.assert_allclose(videos[:, 0], videos[:, 1], atol=1e-6)  # one window for the clip's frames
+  spans = videos[:, 0, :, -1, 0].mean(-1) - videos[:, 0, :, 0, 0].mean(-1)  # right minus left column
+  fractions = spans * 255 / 252 * (width - 1) / width  # ~ w / W of each window (JPEG and resize blur)
+  assert len(np.unique(np.round(fractions, 2))) >= 4  # windows differ between clips
+  # Area >= 0.3 of the frame with h <= H bounds w / W below by 0.3 (the edge columns' centres lie half a
+  # resized column inside the window: x 15/16). DMVR's crop would take 16 of 64 columns here (0.25).
+  assert (fractions > 0.3 * 15 / 16 - 0.01).all() and (fractions <= 1.0 + 0.03).all(), fractions

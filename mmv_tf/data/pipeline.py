@@ -186,14 +186,16 @@ def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride
               crop_size: int = 200, min_resize: Optional[int] = 224, num_test_clips: int = 1,
               random_flip: bool = True, color_augmentation: bool = True, scale_jitter: bool = True,
               color_drop_prob: float = 0.0, color_mode: str = "exact", space_to_depth: bool = False,
-              frame_rate: float = schema.DEFAULT_FPS, name: str = F.VIDEO,
+              frame_rate: float = schema.DEFAULT_FPS, name: str = F.VIDEO, random_resized_crop: bool = False,
               start_with: Optional[str] = None, loop_short_clips: bool = False) -> None:
   """Frames: sample -> fused decode-and-crop -> resize to `crop_size` -> [0,1] -> flip/colour.
 
   Output `name` (default `video`) float32 [T,crop,crop,3] (training) or [N,T,crop,crop,3] (evaluation).
   The crop window is computed from the JPEG header before decoding, so only the pixels that survive the
   crop are decoded. Training crop = DMVR resize_smallest(min_resize) -> scale jitter -> random crop, fused
-  into one window; evaluation = resize_smallest -> central crop.
+  into one window; evaluation = resize_smallest -> central crop. `random_resized_crop` (training only):
+  instead, an Inception-style window (`processors.random_resized_crop_window`: area 0.3-1 of the frame,
+  aspect 0.5-2) resized to the square (`min_resize` and `scale_jitter` then do not apply).
 
   Several views of one clip: call again with another `name` (its own frame count, stride, crop and
   augmentations, drawn independently). `start_with=OTHER` starts this view at OTHER's first frame
@@ -242,7 +244,9 @@ def add_video(proc: ClipProcessor, *, is_training: bool, num_frames: int, stride
   def decode(feats, state):
     jpegs = feats.pop(jpegs_key)
     size = processors.jpeg_shape(jpegs[0])
-    if is_training:
+    if is_training and random_resized_crop:
+      window = processors.random_resized_crop_window(image_size=size, seed=sub_seed(state, named("crop")))
+    elif is_training:
       window = processors.random_crop_window(
           image_size=size, crop_size=crop_size, min_resize=min_resize,
           seed=sub_seed(state, named("crop")),

@@ -141,6 +141,26 @@ def random_crop_window(*, image_size, crop_size: int, min_resize: Optional[int],
   return tf.stack([y, x, sizes[0], sizes[1]])
 
 
+# Inception-style random-resized crop (BraVe section 4: `sample_distorted_bounding_box`, 20 attempts).
+RESIZED_CROP_AREA = (0.3, 1.0)
+RESIZED_CROP_ASPECT = (0.5, 2.0)
+
+
+def random_resized_crop_window(*, image_size, seed, area_range: Tuple[float, float] = RESIZED_CROP_AREA,
+                               aspect_ratio_range: Tuple[float, float] = RESIZED_CROP_ASPECT,
+                               max_attempts: int = 20) -> tf.Tensor:
+  """Window `[y, x, h, w]` covering a fraction of the frame's area in `area_range` with w/h in
+  `aspect_ratio_range`, at a uniform position; resizing it to a square afterwards changes the aspect.
+  When no draw of `max_attempts` fits the frame, the whole frame (TF's fallback; the BraVe release
+  falls back to a centre crop instead)."""
+  image_size = tf.cast(image_size, tf.int32)
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.concat([image_size, [3]], axis=0), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+      max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+  return tf.concat([begin[:2], size[:2]], axis=0)
+
+
 def center_crop_window(*, image_size, crop_size: int, min_resize: Optional[int]) -> tf.Tensor:
   """Window in source pixels of DMVR's eval path: resize_smallest(min_resize) -> central crop."""
   image_size = tf.cast(image_size, tf.int32)

@@ -39,6 +39,7 @@ class VideoView:
   color_drop_prob: float = 0.0
   color_mode: str = "exact"
   space_to_depth: bool = False
+  random_resized_crop: bool = False
   start_with: Optional[str] = None
   loop_short_clips: bool = False
 

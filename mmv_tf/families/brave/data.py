@@ -14,9 +14,11 @@ They replace the pipeline's own flip / colour step (added with `customize`, afte
 Run options switch each off (`blur`, `random_flip`, `color_augmentation`, `random_convolution`), e.g. for
 the synthetic data whose audio encodes the motion direction that a flip would reverse.
 
-Differences from the paper's input pipeline (the shared pipeline does not offer them yet): the spatial
-crop is DMVR's resize-shortest-side + scale-jittered random crop, not `sample_distorted_bounding_box`
-(area 0.3–1, aspect 0.5–2).
+Spatial crop (paper, per view, the same window for every frame of the view): a random-resized crop,
+area 0.3–1 of the frame and aspect 0.5–2 (`processors.random_resized_crop_window`), decoded from that
+window only and resized to the view's square; when 20 draws do not fit, TF's fallback is the whole frame
+where the release takes a centre crop. The option `random_resized_crop: False` switches to DMVR's
+resize-shortest-side + scale-jittered crop (`scale_jitter`).
 """
 from __future__ import annotations
 
@@ -30,14 +32,17 @@ from mmv_tf.families.brave import augment
 from mmv_tf.families.brave import model as brave_model
 
 # Run options (`train.data_config`) that configure BraVe's augmentations.
-AUGMENT_OPTIONS = ("blur", "random_flip", "color_augmentation", "random_convolution", "scale_jitter")
+AUGMENT_OPTIONS = ("blur", "random_flip", "color_augmentation", "random_convolution", "scale_jitter",
+                   "random_resized_crop")
 
 
 def pipeline_spec(pre: Mapping[str, Any], options: Mapping[str, Any], *, broad: str) -> views.PipelineSpec:
   """The narrow view and the broad view (audio or video) of one clip, sizes from `pre` (preprocessing)."""
   loop = bool(pre["loop_short_clips"])
+  # The paper's crop is Inception-style (area 0.3-1, aspect 0.5-2, per view); `random_resized_crop: False`
+  # gives DMVR's resize-shortest-side + scale-jittered crop instead.
   plain = dict(random_flip=False, color_augmentation=False, scale_jitter=bool(options.get("scale_jitter", True)),
-               loop_short_clips=loop)
+               random_resized_crop=bool(options.get("random_resized_crop", True)), loop_short_clips=loop)
   narrow = views.VideoView(name=brave_model.NARROW, num_frames=int(pre["num_frames"]), stride=int(pre["stride"]),
                            crop_size=int(pre["crop_size"]), min_resize=pre["min_resize"], **plain)
   if broad == "audio":
