@@ -19,9 +19,8 @@ Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradi
 here (the global norm needs them), so each replica passes its copy divided by the replica count.
 
 Input: on single-host strategies with `checkpoint_data_iterator` (the default), batches come from a
-`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint: read positions and
-counters, not buffered records, for pipelines that use tf.data's symbolic checkpointing, as the
-experimental `make_pretraining_dataset(shuffle='block')` does; docs/training.md); otherwise from
+`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint with its shuffle
+buffer and the clips in flight; docs/training.md, "Input position in checkpoints"); otherwise from
 `pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
 checkpointed `skipped_records` counter.
 
