@@ -48,6 +48,16 @@ CAPTIONS = ["now we add the flour and mix it well", "cut the wood along the line
             "then you tighten the screw", "the dog runs across the garden"]
 
 
+def synthetic_jpeg_frames(rng, *, num_frames, height, width, quality=90):
+  """JPEG bytes of a smooth scene + sensor noise panning over time: compresses like real video frames."""
+  scene = tf.image.resize(rng.uniform(0, 255, (1, 9, 16, 3)), [height, width * 2])[0].numpy()
+  frames = []
+  for i in range(num_frames):
+    img = scene[:, i * 2:i * 2 + width] + rng.normal(0, 6, (height, width, 3))
+    frames.append(tf.io.encode_jpeg(np.clip(img, 0, 255).astype(np.uint8), quality=quality).numpy())
+  return frames
+
+
 def write_data(*, directory, num_records, num_frames, height, width, seconds, sample_rate, prefix,
                num_shards=4, captions_for=lambda r: CAPTIONS[r % 4:r % 4 + 2]):
   pattern = os.path.join(directory, f"{prefix}-*.tfrecord")
@@ -57,12 +67,7 @@ def write_data(*, directory, num_records, num_frames, height, width, seconds, sa
   for s in range(num_shards):
     with records.AtomicShardWriter(records.shard_path(directory, prefix, s, num_shards)) as writer:
       for r in range(num_records // num_shards):
-        # Smooth scene + sensor noise, panning over time: compresses like real video frames.
-        scene = tf.image.resize(rng.uniform(0, 255, (1, 9, 16, 3)), [height, width * 2])[0].numpy()
-        frames = []
-        for i in range(num_frames):
-          img = scene[:, i * 2:i * 2 + width] + rng.normal(0, 6, (height, width, 3))
-          frames.append(tf.io.encode_jpeg(np.clip(img, 0, 255).astype(np.uint8), quality=90).numpy())
+        frames = synthetic_jpeg_frames(rng, num_frames=num_frames, height=height, width=width)
         wave = (0.1 * rng.standard_normal(int(seconds * sample_rate))).astype(np.float32)
         clip = records.Clip(jpeg_frames=frames, waveform=wave, captions=captions_for(s * (num_records // num_shards) + r),
                             label_indices=[r % 10], sample_rate=sample_rate)
