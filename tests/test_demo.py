@@ -161,7 +161,7 @@ def test_demo_learns_exports_serves_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 13 min each on 2 cores at load average 8-19 (docs/families.md)
+@pytest.mark.timeout(3600)  # VATT 13 min, BraVe ~20 min (2400 steps) on 2 shared cores (docs/families.md)
 @pytest.mark.parametrize("name", ("vatt", "brave"))
 def test_family_demo_learns_exports_serves(tmp_path, name):
   # The full `mmv-tf demo --family NAME` (the family's steps and thresholds), then a resume.
