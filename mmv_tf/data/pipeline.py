@@ -42,6 +42,7 @@ PhaseFn = Callable[[Features, dict], Features]
 # Added by `make_pretraining_dataset` to every example: int32, records dropped just before it (see
 # `_process_records`); the sum over a batch is the number of bad records that batch skipped.
 NUM_BAD_RECORDS = "num_bad_records"
+SHUFFLES = ("block", "buffer")  # record shuffles of training pipelines (`make_pretraining_dataset`)
 
 
 class Phase(enum.IntEnum):
@@ -474,9 +475,10 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
                      deterministic: bool) -> tf.data.Dataset:
   """Maps `fn` over (serialized, seed); with skipping, a failing record is dropped and counted.
 
-  Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave:
-  errors raised anywhere in parse/decode/checks stay confined to that record, and a placeholder
-  flagged `ok=False` takes its place so that the drop can be counted before it is filtered out.
+  Each record runs in its own one-element dataset with `ignore_errors`, read to its single element
+  inside a parallel map: errors raised anywhere in parse/decode/checks stay confined to that record,
+  and a placeholder flagged `ok=False` takes its place so that the drop can be counted before it is
+  filtered out.
 
   Counting: `counter` (a host variable incremented inside tf.data: makes the iterator unsaveable)
   and/or `count_in_elements`, which adds `NUM_BAD_RECORDS` (int32 scalar) to every example: the number
@@ -492,10 +494,11 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
   def isolate(serialized, seed):
     good = tf.data.Dataset.from_tensors((serialized, seed)).map(lambda r, s: (fn(r, s), True))
     bad = tf.data.Dataset.from_tensors((_placeholder(good.element_spec[0]), False))
-    return good.ignore_errors(log_warning=True).concatenate(bad).take(1)
+    return good.ignore_errors(log_warning=True).concatenate(bad).take(1).get_single_element()
 
-  out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
-                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  # The one-element dataset lives and dies inside one map call, so no `ignore_errors` iterator is
+  # part of the iterator state (symbolic checkpointing cannot save one; docs/training.md).
+  out = records.map(isolate, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if counter is not None:
     variable = counter.variable
 
@@ -518,6 +521,19 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
   return out.map(lambda feats, ok, dropped: dict(feats, **{NUM_BAD_RECORDS: dropped}))
 
 
+def _block_shuffle(ds: tf.data.Dataset, *, block_size: int, seed: int) -> tf.data.Dataset:
+  """Consecutive blocks of `block_size` elements, each permuted with a stateless seed (seed, block index).
+
+  Under symbolic checkpointing the saved position is the input's position at the start of the current
+  block plus the index inside it: a restore re-reads that block and permutes it the same way, so no
+  element is saved (a `shuffle` buffer is saved whole).
+  """
+  def permute(index, block):
+    return tf.random.experimental.stateless_shuffle(block, seed=tf.stack([tf.constant(seed, tf.int64), index]))
+
+  return ds.batch(block_size).enumerate().map(permute).unbatch()
+
+
 def _shard_files(files: List[str], input_context) -> tuple:
   """Files for this input pipeline; falls back to record sharding when there are too few files."""
   if input_context is None or input_context.num_input_pipelines == 1:
@@ -533,8 +549,13 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
                    salt: int, input_context, shuffle_buffer: int, skip_bad_records: bool,
                    counter: Optional[BadRecordCounter], count_in_elements: bool,
                    num_parallel_reads: Optional[int], max_bad_files: Optional[int],
-                   strict_files: bool) -> tf.data.Dataset:
-  """One source: files -> (shuffled) interleaved records -> processed examples (unbatched)."""
+                   strict_files: bool, shuffle: str = "buffer",
+                   count_first: bool = False) -> tf.data.Dataset:
+  """One source: files -> (shuffled) interleaved records -> processed examples (unbatched).
+
+  `shuffle`: "block" (`_block_shuffle`) or "buffer" (`Dataset.shuffle`) of `shuffle_buffer` records.
+  `count_first`: `TFRecordFiles(count_first=True)` (symbolic checkpointing; tfrecord_reading.py).
+  """
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
   files, shard_records = _shard_files(files, input_context)
   base = _base_seed(seed, salt, pipeline_id)
@@ -542,7 +563,7 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   # Damaged files lose only their unreadable part (tfrecord_reading.py); not skipping bad records
   # makes a damaged file fatal too.
   reading = tfrecord_reading.TFRecordFiles(files, strict=strict_files or not skip_bad_records,
-                                           max_bad_files=max_bad_files)
+                                           max_bad_files=max_bad_files, count_first=count_first)
   ds = reading.files()
   if is_training:
     ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
@@ -556,7 +577,9 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   ds = reading.records(ds)
   if shard_records:
     ds = ds.shard(input_context.num_input_pipelines, pipeline_id)
-  if is_training and shuffle_buffer > 1:
+  if is_training and shuffle_buffer > 1 and shuffle == "block":
+    ds = _block_shuffle(ds, block_size=shuffle_buffer, seed=base + 1)
+  elif is_training and shuffle_buffer > 1:
     ds = ds.shuffle(shuffle_buffer, seed=base + 1, reshuffle_each_iteration=True)
   # Per-example seed = (pipeline base, running index): reproducible and distinct across pipelines.
   ds = ds.enumerate().map(lambda i, r: (r, tf.stack([tf.constant(base, tf.int64), i])))
@@ -572,9 +595,12 @@ def _spec_tokenizer(spec: views_lib.PipelineSpec, vocabulary, tokenizer):
   return text_lib.WordTokenizer(vocabulary=vocabulary, max_tokens=text_view.max_tokens)
 
 
-def _options(deterministic: bool) -> tf.data.Options:
+def _options(deterministic: bool, *, symbolic_checkpoint: bool = False) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = deterministic
+  # A saved iterator holds positions, not buffered elements (docs/training.md, "Input position in
+  # checkpoints").
+  options.experimental_symbolic_checkpoint = symbolic_checkpoint
   options.experimental_optimization.map_parallelization = True
   return options
 
@@ -596,7 +622,7 @@ def make_pretraining_dataset(
     seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
-    num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
+    shuffle: str = "block", num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
     strict_files: bool = False,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
@@ -620,6 +646,13 @@ def make_pretraining_dataset(
   `strict_files` (or `skip_bad_records=False`) fails at the first damaged file, naming it and the
   byte offset.
 
+  Record shuffle (`shuffle`, over `shuffle_buffer` records): "block" (default) permutes consecutive
+  blocks of `shuffle_buffer` records, each with its own stateless seed; "buffer" is `Dataset.shuffle`'s
+  sliding buffer (the order of earlier versions). Without `bad_record_counter`, the pipeline uses
+  tf.data's symbolic checkpointing: a saved iterator holds read positions and small counters, not
+  buffered records or clips; with "block" its size does not grow with the records (a "buffer" shuffle
+  still saves its buffer). docs/training.md, "Input position in checkpoints".
+
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
   one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
   its own `has_text` (a clip without captions has has_text 0 and an all-zero text_mask).
@@ -639,6 +672,9 @@ def make_pretraining_dataset(
   processor = views_lib.build_processor(spec, is_training=True, tokenizer=_spec_tokenizer(spec, vocabulary, tokenizer))
   if customize is not None:
     customize(processor)
+  if shuffle not in SHUFFLES:
+    raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+  symbolic = bad_record_counter is None  # a counter variable cannot be checkpointed anyway
   if mixture_weights is None:
     sources = [file_patterns]
   else:
@@ -650,7 +686,8 @@ def make_pretraining_dataset(
                      input_context=input_context, shuffle_buffer=shuffle_buffer,
                      skip_bad_records=skip_bad_records, counter=bad_record_counter,
                      count_in_elements=True, num_parallel_reads=num_parallel_reads,
-                     max_bad_files=max_bad_files, strict_files=strict_files)
+                     max_bad_files=max_bad_files, strict_files=strict_files, shuffle=shuffle,
+                     count_first=symbolic)
       for i, src in enumerate(sources)]
   if len(datasets) == 1:
     ds = datasets[0]
@@ -662,7 +699,7 @@ def make_pretraining_dataset(
   ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE,
                 deterministic=seed is not None)
   ds = ds.prefetch(AUTOTUNE)
-  return ds.with_options(_options(seed is not None))
+  return ds.with_options(_options(seed is not None, symbolic_checkpoint=symbolic))
 
 
 def make_eval_dataset(
