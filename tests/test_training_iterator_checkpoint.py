@@ -10,6 +10,7 @@ step, per replica and position, and a fingerprint of the augmented frames.
 from __future__ import annotations
 
 import functools
+import os
 
 import keras
 import numpy as np
@@ -201,15 +202,28 @@ def test_checkpointable_input_matches_distributed_dataset(train_files):
         np.testing.assert_array_equal(g.numpy(), w.numpy())
 
 
-def test_pipeline_iterator_with_bad_records_restores_exactly(tmp_path, train_files):
+def _state_bytes(path):
+  return sum(os.path.getsize(f) for f in tf.io.gfile.glob(path + ".*"))
+
+
+@pytest.mark.parametrize("shuffle", ["block", "buffer"])
+def test_pipeline_iterator_with_bad_records_restores_exactly(tmp_path, train_files, shuffle):
+  """Saved 8 examples into a 16-record shuffle block (so a restore replays the block), then 8 batches."""
   vocab = trainer.resolve_vocabulary(model_dir=str(tmp_path), vocabulary=None, train_files=train_files,
                                      max_vocab_size=None)
   ds = pipeline.make_pretraining_dataset(file_patterns=train_files, vocabulary=vocab, seed=0, batch_size=4,
-                                         customize=add_example_id, **DATA_CONFIG)
+                                         customize=add_example_id, **dict(DATA_CONFIG, shuffle=shuffle))
   it = iter(ds)
   for _ in range(2):
     next(it)
   path = tf.train.Checkpoint(iterator=it).write(str(tmp_path / "it"))
+  # The saved position holds no records with the block shuffle (symbolic checkpointing); the buffer
+  # shuffle (the old pipeline) saves its buffer of 16 records, and the clips in flight.
+  records = sorted(len(r) for r in tf.data.TFRecordDataset(tf.io.gfile.glob(train_files)).as_numpy_iterator())
+  if shuffle == "block":
+    assert _state_bytes(path) < records[0]
+  else:
+    assert _state_bytes(path) > sum(records[:15])
   want = [next(it) for _ in range(8)]
   restored = iter(ds)
   tf.train.Checkpoint(iterator=restored).read(path).assert_consumed()
@@ -225,6 +239,25 @@ def test_pipeline_iterator_with_bad_records_restores_exactly(tmp_path, train_fil
   next(it)
   with pytest.raises((tf.errors.FailedPreconditionError, tf.errors.UnimplementedError, ValueError)):
     tf.train.Checkpoint(iterator=it).write(str(tmp_path / "counted"))
+
+
+def test_block_shuffle_permutes_each_block_with_its_own_seed():
+  values = pipeline._block_shuffle(tf.data.Dataset.range(20), block_size=8, seed=5)
+  out = list(values.as_numpy_iterator())
+  blocks = [out[0:8], out[8:16], out[16:20]]
+  for i, block in enumerate(blocks):  # a permutation of the block's own elements (the last one short)
+    assert sorted(block) == list(range(8 * i, min(8 * i + 8, 20)))
+  assert blocks[0] != sorted(blocks[0]) and blocks[1] != sorted(blocks[1])
+  assert [b - 8 for b in blocks[1]] != blocks[0]  # each block has its own permutation
+  assert list(values.as_numpy_iterator()) == out  # the same every time (stateless seeds)
+  other = list(pipeline._block_shuffle(tf.data.Dataset.range(20), block_size=8, seed=6).as_numpy_iterator())
+  assert other != out
+
+
+def test_unknown_shuffle_is_rejected(train_files):
+  with pytest.raises(ValueError, match="shuffle must be one of"):
+    pipeline.make_pretraining_dataset(file_patterns=train_files, batch_size=4, vocabulary=None, seed=0,
+                                      with_text=False, shuffle="window")
 
 
 def test_checkpoints_without_optional_keys_still_restore(tmp_path):

@@ -472,13 +472,13 @@ def _placeholder(spec):
 
 def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
                      counter: Optional[BadRecordCounter], count_in_elements: bool,
-                     deterministic: bool) -> tf.data.Dataset:
+                     deterministic: bool, symbolic_checkpoint: bool = False) -> tf.data.Dataset:
   """Maps `fn` over (serialized, seed); with skipping, a failing record is dropped and counted.
 
-  Each record runs in its own one-element dataset with `ignore_errors`, read to its single element
-  inside a parallel map: errors raised anywhere in parse/decode/checks stay confined to that record,
-  and a placeholder flagged `ok=False` takes its place so that the drop can be counted before it is
-  filtered out.
+  Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave
+  (or, for `symbolic_checkpoint`, read to its single element inside a parallel map): errors raised
+  anywhere in parse/decode/checks stay confined to that record, and a placeholder flagged `ok=False`
+  takes its place so that the drop can be counted before it is filtered out.
 
   Counting: `counter` (a host variable incremented inside tf.data: makes the iterator unsaveable)
   and/or `count_in_elements`, which adds `NUM_BAD_RECORDS` (int32 scalar) to every example: the number
@@ -494,11 +494,17 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
   def isolate(serialized, seed):
     good = tf.data.Dataset.from_tensors((serialized, seed)).map(lambda r, s: (fn(r, s), True))
     bad = tf.data.Dataset.from_tensors((_placeholder(good.element_spec[0]), False))
-    return good.ignore_errors(log_warning=True).concatenate(bad).take(1).get_single_element()
+    return good.ignore_errors(log_warning=True).concatenate(bad).take(1)
 
-  # The one-element dataset lives and dies inside one map call, so no `ignore_errors` iterator is
-  # part of the iterator state (symbolic checkpointing cannot save one; docs/training.md).
-  out = records.map(isolate, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  if symbolic_checkpoint:
+    # The one-element dataset lives and dies inside one map call, so no `ignore_errors` iterator is
+    # part of the iterator state (symbolic checkpointing cannot save one; docs/training.md). Without
+    # symbolic checkpointing, `get_single_element` in a map makes the iterator unsaveable ("stateful").
+    out = records.map(lambda r, s: isolate(r, s).get_single_element(), num_parallel_calls=AUTOTUNE,
+                      deterministic=deterministic)
+  else:
+    out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
+                             num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if counter is not None:
     variable = counter.variable
 
@@ -550,11 +556,12 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
                    counter: Optional[BadRecordCounter], count_in_elements: bool,
                    num_parallel_reads: Optional[int], max_bad_files: Optional[int],
                    strict_files: bool, shuffle: str = "buffer",
-                   count_first: bool = False) -> tf.data.Dataset:
+                   symbolic_checkpoint: bool = False) -> tf.data.Dataset:
   """One source: files -> (shuffled) interleaved records -> processed examples (unbatched).
 
   `shuffle`: "block" (`_block_shuffle`) or "buffer" (`Dataset.shuffle`) of `shuffle_buffer` records.
-  `count_first`: `TFRecordFiles(count_first=True)` (symbolic checkpointing; tfrecord_reading.py).
+  `symbolic_checkpoint`: build it from ops that tf.data's symbolic checkpointing can save (the files
+  are counted first, tfrecord_reading.py; bad records are isolated inside a map).
   """
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
   files, shard_records = _shard_files(files, input_context)
@@ -563,7 +570,8 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   # Damaged files lose only their unreadable part (tfrecord_reading.py); not skipping bad records
   # makes a damaged file fatal too.
   reading = tfrecord_reading.TFRecordFiles(files, strict=strict_files or not skip_bad_records,
-                                           max_bad_files=max_bad_files, count_first=count_first)
+                                           max_bad_files=max_bad_files,
+                                           count_first=symbolic_checkpoint)
   ds = reading.files()
   if is_training:
     ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
@@ -584,7 +592,8 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   # Per-example seed = (pipeline base, running index): reproducible and distinct across pipelines.
   ds = ds.enumerate().map(lambda i, r: (r, tf.stack([tf.constant(base, tf.int64), i])))
   return _process_records(ds, processor, skip_bad_records=skip_bad_records, counter=counter,
-                          count_in_elements=count_in_elements, deterministic=deterministic)
+                          count_in_elements=count_in_elements, deterministic=deterministic,
+                          symbolic_checkpoint=symbolic_checkpoint)
 
 
 def _spec_tokenizer(spec: views_lib.PipelineSpec, vocabulary, tokenizer):
@@ -648,10 +657,11 @@ def make_pretraining_dataset(
 
   Record shuffle (`shuffle`, over `shuffle_buffer` records): "block" (default) permutes consecutive
   blocks of `shuffle_buffer` records, each with its own stateless seed; "buffer" is `Dataset.shuffle`'s
-  sliding buffer (the order of earlier versions). Without `bad_record_counter`, the pipeline uses
-  tf.data's symbolic checkpointing: a saved iterator holds read positions and small counters, not
-  buffered records or clips; with "block" its size does not grow with the records (a "buffer" shuffle
-  still saves its buffer). docs/training.md, "Input position in checkpoints".
+  sliding buffer (the pipeline and example order of earlier versions). With "block" and no
+  `bad_record_counter`, the pipeline uses tf.data's symbolic checkpointing: a saved iterator holds read
+  positions and small counters, not buffered records or clips. With "buffer" a saved iterator holds
+  the shuffle buffer and the clips in flight (~100 MB for the tiny demo config). docs/training.md,
+  "Input position in checkpoints".
 
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
   one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
@@ -674,7 +684,10 @@ def make_pretraining_dataset(
     customize(processor)
   if shuffle not in SHUFFLES:
     raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-  symbolic = bad_record_counter is None  # a counter variable cannot be checkpointed anyway
+  # A counter variable cannot be checkpointed anyway. A `shuffle` buffer under symbolic checkpointing
+  # is still saved whole, and a restored 256-record one hung (TF 2.17.1): "buffer" keeps the old,
+  # fully saved pipeline.
+  symbolic = bad_record_counter is None and shuffle == "block"
   if mixture_weights is None:
     sources = [file_patterns]
   else:
@@ -687,7 +700,7 @@ def make_pretraining_dataset(
                      skip_bad_records=skip_bad_records, counter=bad_record_counter,
                      count_in_elements=True, num_parallel_reads=num_parallel_reads,
                      max_bad_files=max_bad_files, strict_files=strict_files, shuffle=shuffle,
-                     count_first=symbolic)
+                     symbolic_checkpoint=symbolic)
       for i, src in enumerate(sources)]
   if len(datasets) == 1:
     ds = datasets[0]
