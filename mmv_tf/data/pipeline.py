@@ -792,7 +792,7 @@ class CheckpointableInput:
   The same input as `distributed_dataset` for a single-host strategy, built differently: TF 2.17's
   multi-device `DistributedIterator` is not trackable, so its position cannot be checkpointed.
   `dataset_fn` is called once, with one input pipeline and the per-replica batch size (as
-  `distribute_datasets_from_function` does on one host); R consecutive batches are stacked and batch
+  `distribute_datasets_from_function` does on one host); each step reads R consecutive batches and batch
   r of each group goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is
   a plain `tf.data` iterator; `get_next(iterator)` (inside or outside `tf.function`) returns the
   per-replica values. Cost against `distributed_dataset`: no prefetching onto the devices (each step
@@ -809,15 +809,15 @@ class CheckpointableInput:
       raise ValueError(f"global batch {global_batch_size} is not divisible by {self.replicas} replicas")
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=self.replicas)
-    dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
-    if self.replicas > 1:
-      dataset = dataset.batch(self.replicas, drop_remainder=True)
-    self.dataset = dataset
-    self.iterator = iter(dataset)
+    self.dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
+    self.iterator = iter(self.dataset)
 
   def get_next(self, iterator=None):
-    element = next(iterator if iterator is not None else self.iterator)
+    iterator = iterator if iterator is not None else self.iterator
+    # R `next` calls rather than a `batch(R)` of the dataset: a restored symbolic checkpoint of a
+    # batch over a prefetch hung on its first element (TF 2.17.1).
+    batches = [next(iterator) for _ in range(self.replicas)]
     if self.replicas == 1:
-      return element
+      return batches[0]
     return self.strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.nest.map_structure(lambda t: t[ctx.replica_id_in_sync_group], element))
+        lambda ctx: batches[ctx.replica_id_in_sync_group])
