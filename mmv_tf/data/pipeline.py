@@ -631,7 +631,7 @@ def make_pretraining_dataset(
     seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
-    shuffle: str = "block", num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
+    shuffle: str = "buffer", num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
     strict_files: bool = False,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
@@ -655,9 +655,10 @@ def make_pretraining_dataset(
   `strict_files` (or `skip_bad_records=False`) fails at the first damaged file, naming it and the
   byte offset.
 
-  Record shuffle (`shuffle`, over `shuffle_buffer` records): "block" (default) permutes consecutive
-  blocks of `shuffle_buffer` records, each with its own stateless seed; "buffer" is `Dataset.shuffle`'s
-  sliding buffer (the pipeline and example order of earlier versions). With "block" and no
+  Record shuffle (`shuffle`, over `shuffle_buffer` records): "buffer" (default) is `Dataset.shuffle`'s
+  sliding buffer (the pipeline and example order of earlier versions); "block" (EXPERIMENTAL: a
+  restore inside `tf.function` hung in our tests, docs/training.md) permutes consecutive blocks of
+  `shuffle_buffer` records, each with its own stateless seed. With "block" and no
   `bad_record_counter`, the pipeline uses tf.data's symbolic checkpointing: a saved iterator holds read
   positions and small counters, not buffered records or clips. With "buffer" a saved iterator holds
   the shuffle buffer and the clips in flight (~100 MB for the tiny demo config). docs/training.md,
@@ -792,7 +793,7 @@ class CheckpointableInput:
   The same input as `distributed_dataset` for a single-host strategy, built differently: TF 2.17's
   multi-device `DistributedIterator` is not trackable, so its position cannot be checkpointed.
   `dataset_fn` is called once, with one input pipeline and the per-replica batch size (as
-  `distribute_datasets_from_function` does on one host); each step reads R consecutive batches and batch
+  `distribute_datasets_from_function` does on one host); R consecutive batches are stacked and batch
   r of each group goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is
   a plain `tf.data` iterator; `get_next(iterator)` (inside or outside `tf.function`) returns the
   per-replica values. Cost against `distributed_dataset`: no prefetching onto the devices (each step
@@ -809,15 +810,15 @@ class CheckpointableInput:
       raise ValueError(f"global batch {global_batch_size} is not divisible by {self.replicas} replicas")
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=self.replicas)
-    self.dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
-    self.iterator = iter(self.dataset)
+    dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
+    if self.replicas > 1:
+      dataset = dataset.batch(self.replicas, drop_remainder=True)
+    self.dataset = dataset
+    self.iterator = iter(dataset)
 
   def get_next(self, iterator=None):
-    iterator = iterator if iterator is not None else self.iterator
-    # R `next` calls rather than a `batch(R)` of the dataset: a restored symbolic checkpoint of a
-    # batch over a prefetch hung on its first element (TF 2.17.1).
-    batches = [next(iterator) for _ in range(self.replicas)]
+    element = next(iterator if iterator is not None else self.iterator)
     if self.replicas == 1:
-      return batches[0]
+      return element
     return self.strategy.experimental_distribute_values_from_function(
-        lambda ctx: batches[ctx.replica_id_in_sync_group])
+        lambda ctx: tf.nest.map_structure(lambda t: t[ctx.replica_id_in_sync_group], element))
