@@ -212,7 +212,7 @@ def test_a_file_that_vanishes_after_the_pipeline_is_built_is_skipped(shards, tmp
 def test_reader_skips_rest_of_file_and_keeps_order(shards, tmp_path, count_first):
   # The reader alone, on raw records: the readable prefix of each file in order; a path that never
   # existed (stat fails when the reader is built) is reported as unopenable. Counting first (what
-  # training pipelines do, for symbolic checkpointing) gives the same records and faults.
+  # shuffle='block' training pipelines do, for symbolic checkpointing) gives the same records and faults.
   missing = str(tmp_path / "never.tfrecord")
   reader = tfrecord_reading.TFRecordFiles([shards["trunc"], missing, shards["good0"]], count_first=count_first)
   assert reader.sizes[1] == -1

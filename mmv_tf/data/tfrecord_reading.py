@@ -22,8 +22,9 @@ Faults and how they are detected (TF 2.17 behaviour, checked by tests/test_damag
   and the open (microseconds apart), or exists without read permission, would still hang the reader.
 * Zero-length file: no records; reported as an empty file, not counted as a fault.
 
-Counting first (`count_first=True`, what `shuffle="block"` training pipelines use): tf.data's symbolic checkpointing
-saves an iterator's position without its buffers, but cannot save a live `ignore_errors` iterator
+Counting first (`count_first=True`, what `shuffle="block"` training pipelines use): tf.data's
+symbolic checkpointing saves an iterator's position without its buffers, but cannot save a live
+`ignore_errors` iterator
 (TF 2.17: "IgnoreErrorsDataset does not support symbolic checkpointing"). With `count_first`, each
 file is first read to its end inside one `map` call (the `ignore_errors` iterator lives and dies in
 that call) to count its readable records, then streamed with `take(count)`, which cannot fail. Cost:
