@@ -24,8 +24,8 @@ Faults and how they are detected (TF 2.17 behaviour, checked by tests/test_damag
 
 Counting first (`count_first=True`, what `shuffle="block"` training pipelines use): tf.data's
 symbolic checkpointing saves an iterator's position without its buffers, but cannot save a live
-`ignore_errors` iterator
-(TF 2.17: "IgnoreErrorsDataset does not support symbolic checkpointing"). With `count_first`, each
+`ignore_errors` iterator (TF 2.17: "IgnoreErrorsDataset does not support symbolic checkpointing").
+With `count_first`, each
 file is first read to its end inside one `map` call (the `ignore_errors` iterator lives and dies in
 that call) to count its readable records, then streamed with `take(count)`, which cannot fail. Cost:
 every file is read twice (the second read is usually served by the page cache on local disks; twice
