@@ -127,19 +127,20 @@ def test_training_yields_each_readable_record_once_per_epoch_and_names_files_onc
   np.testing.assert_array_equal(labels(0), first)
 
 
-def test_training_iterator_with_damaged_files_is_checkpointable(shards, tmp_path):
+@pytest.mark.parametrize("shuffle", ["buffer", "block"])
+def test_training_iterator_with_damaged_files_is_checkpointable(shards, tmp_path, shuffle):
   def make():
     return pipeline.make_pretraining_dataset(
         file_patterns=os.path.join(shards["dir"], "*.tfrecord"), batch_size=4, vocabulary=VOCAB,
-        seed=1, **SMALL)
+        seed=1, shuffle=shuffle, **SMALL)
 
   it = iter(make())
   for _ in range(4):  # past every damaged file at least once
     next(it)
   path = tf.train.Checkpoint(iterator=it).write(str(tmp_path / "ckpt"))
-  # Positions and counters only (symbolic checkpointing): less than one record of the shards.
-  record = min(len(r) for r in tf.data.TFRecordDataset(shards["good0"]).as_numpy_iterator())
-  assert sum(os.path.getsize(p) for p in tf.io.gfile.glob(path + ".*")) < record
+  if shuffle == "block":  # positions and counters only (symbolic checkpointing): less than one record
+    record = min(len(r) for r in tf.data.TFRecordDataset(shards["good0"]).as_numpy_iterator())
+    assert sum(os.path.getsize(p) for p in tf.io.gfile.glob(path + ".*")) < record
   expected = [next(it)[F.LABEL].numpy() for _ in range(3)]
   resumed = iter(make())
   tf.train.Checkpoint(iterator=resumed).read(path).assert_consumed()
