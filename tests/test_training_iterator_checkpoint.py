@@ -127,15 +127,16 @@ def _split_run(model_dir, train_files, strategy):
   return first, resumed
 
 
-def _uninterrupted_input(model_dir, train_files, strategy, steps):
+def _uninterrupted_input(model_dir, train_files, strategy, steps, shuffle="block"):
   """What an uninterrupted run is fed at steps 1..`steps`, straight from the input (no model): the
-  trainer's dataset (same vocabulary, config and seed) through the same `CheckpointableInput`."""
+  trainer's dataset (same vocabulary, config and seed; the block shuffle, the trainer's default when
+  the input position is saved) through the same `CheckpointableInput`, read eagerly as the trainer does."""
   vocab = trainer.resolve_vocabulary(model_dir=str(model_dir), vocabulary=None, train_files=None,
                                      max_vocab_size=None)  # the run's vocab.txt
   family = families.get("mmv")
   config = family.complete_config({"preprocessing": PREPROCESSING, "vocab_size": len(vocab)})
   dataset_fn = family.train_dataset_fn(config, file_patterns=train_files, vocabulary=vocab, seed=0,
-                                       options=dict(OPTIONS, customize=add_example_id))
+                                       options=dict(OPTIONS, customize=add_example_id, shuffle=shuffle))
   replicas = strategy.num_replicas_in_sync
   feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=PER_REPLICA_BATCH * replicas)
   out, skipped = [], 0
@@ -194,9 +195,8 @@ def test_checkpointable_input_matches_distributed_dataset(train_files):
   reference = iter(pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=8))
   feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=8)
   assert isinstance(feed.iterator, tf.__internal__.tracking.Trackable)
-  get_next = tf.function(feed.get_next)
   for _ in range(3):
-    want, got = next(reference), get_next(feed.iterator)
+    want, got = next(reference), feed.get_next()  # eager, as the trainer reads it
     for key in (EXAMPLE_ID, pipeline.NUM_BAD_RECORDS, "video"):
       for w, g in zip(strategy.experimental_local_results(want[key]), strategy.experimental_local_results(got[key])):
         np.testing.assert_array_equal(g.numpy(), w.numpy())

@@ -577,7 +577,12 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
     ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
   # Training interleaves shards in parallel; evaluation reads them one after another (file order).
   cycle = min(len(files), num_parallel_reads or 8) if is_training else 1
-  if cycle > 1:
+  if cycle > 1 and symbolic_checkpoint:
+    # Sequential interleave, same record order as the deterministic parallel one: a restored parallel
+    # interleave deadlocked when the block shuffle re-read its block during the restore (TF 2.17.1,
+    # docs/training.md). Reading is raw bytes; decoding stays parallel below.
+    ds = ds.interleave(reading.read_file, cycle_length=cycle, block_length=1)
+  elif cycle > 1:
     ds = ds.interleave(reading.read_file, cycle_length=cycle, block_length=1,
                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   else:
@@ -793,11 +798,15 @@ class CheckpointableInput:
   The same input as `distributed_dataset` for a single-host strategy, built differently: TF 2.17's
   multi-device `DistributedIterator` is not trackable, so its position cannot be checkpointed.
   `dataset_fn` is called once, with one input pipeline and the per-replica batch size (as
-  `distribute_datasets_from_function` does on one host); R consecutive batches are stacked and batch
-  r of each group goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is
-  a plain `tf.data` iterator; `get_next(iterator)` (inside or outside `tf.function`) returns the
-  per-replica values. Cost against `distributed_dataset`: no prefetching onto the devices (each step
-  copies its batch from the host when it starts; free on CPU, a PCIe copy per step on GPUs).
+  `distribute_datasets_from_function` does on one host); each step reads R consecutive batches and
+  batch r goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is a plain
+  `tf.data` iterator.
+
+  `get_next()` is meant to be called EAGERLY (plain Python `next` calls), its result passed to the
+  compiled step: a pipeline saved with tf.data's symbolic checkpointing (`shuffle="block"`) deadlocked
+  when `next` ran inside a `tf.function` (TF 2.17.1, docs/training.md). Cost against
+  `distributed_dataset`: no prefetching onto the devices (each batch is copied to its replica's device
+  before the step; free on CPU, a PCIe copy per step on GPUs).
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, dataset_fn: Callable[..., tf.data.Dataset], *,
@@ -810,15 +819,19 @@ class CheckpointableInput:
       raise ValueError(f"global batch {global_batch_size} is not divisible by {self.replicas} replicas")
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=self.replicas)
-    dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
-    if self.replicas > 1:
-      dataset = dataset.batch(self.replicas, drop_remainder=True)
-    self.dataset = dataset
-    self.iterator = iter(dataset)
+    # No `batch(R)` on top: R `next` calls read the same batches without one more buffering op in the
+    # saved state.
+    self.dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
+    self.iterator = iter(self.dataset)
 
   def get_next(self, iterator=None):
-    element = next(iterator if iterator is not None else self.iterator)
+    """The next step's per-replica batches (a plain batch with one replica)."""
+    iterator = iterator if iterator is not None else self.iterator
+    batches = [next(iterator) for _ in range(self.replicas)]
     if self.replicas == 1:
-      return element
-    return self.strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.nest.map_structure(lambda t: t[ctx.replica_id_in_sync_group], element))
+      return batches[0]
+
+    def on_device(ctx):  # called under replica r's device scope: the copy happens here, not in the step
+      return tf.nest.map_structure(tf.identity, batches[ctx.replica_id_in_sync_group])
+
+    return self.strategy.experimental_distribute_values_from_function(on_device)

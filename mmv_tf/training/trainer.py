@@ -204,9 +204,9 @@ class _StepFunctions:
     for variable, value in zip(self.model.non_trainable_variables, state):
       variable.assign(value)
 
-  def _train_step(self, iterator, stop_request):
+  def _train_step(self, source, stop_request):
     s = self.strategy
-    batch = self.next_batch(iterator)
+    batch = self.next_batch(source)  # `source`: the batches or the iterator to read them from
     grads, metrics, finite, stop, state, bad_records = s.run(self._replica_step,
                                                              args=(batch, stop_request))
     first = lambda x: s.experimental_local_results(x)[0]  # all-reduced: identical on every replica
@@ -336,9 +336,14 @@ def _training_files(train_files) -> Optional[List[str]]:
   return sorted({f for src in sources for f in pipeline.list_files(src)})
 
 
-def _strict_data_options(data_config: Mapping[str, Any], strict: bool) -> Dict[str, Any]:
-  """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`."""
-  return dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
+def _data_options(data_config: Mapping[str, Any], *, strict: bool, position_saved: bool) -> Dict[str, Any]:
+  """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`, and
+  the block shuffle unless another is asked for when the input position is saved: its saved position
+  is a few counters, the buffer shuffle's holds its records (docs/training.md)."""
+  options = dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
+  if position_saved:
+    options.setdefault("shuffle", "block")
+  return options
 
 
 # ---- train() ------------------------------------------------------------------------------------------
@@ -452,7 +457,9 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
     # A custom model_builder may take a partial config: the data settings are the completed config's.
     dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
                                       vocabulary=vocab, seed=seed,
-                                      options=_strict_data_options(data_config or {}, strict_data))
+                                      options=_data_options(data_config or {}, strict=strict_data,
+                                                            position_saved=checkpoint_data_iterator
+                                                            and pipeline.is_single_host(strategy)))
   optimizer_options = {**(fam.optimizer_options(model_config) if fam is not None else {}),
                        **dict(optimizer_options or {})}
   if loss_fn is None:
@@ -513,18 +520,26 @@ def _with_vocabulary_size(config: Dict[str, Any], key: str, size: int) -> Dict[s
   return config
 
 
-def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool):
-  """(iterator, next_batch): `next_batch(iterator)` gives the per-replica batches of one step.
+class _Input:
+  """Where a step's batches come from: `host_fetch()` runs on the host before each step and its result
+  is the step's first argument; `in_step(arg)` turns that argument into per-replica batches inside it."""
 
-  With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
-  tf.data iterator on the host); otherwise `distributed_dataset`'s DistributedIterator (prefetches to
-  the devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
+  def __init__(self, iterator, host_fetch, in_step):
+    self.iterator, self.host_fetch, self.in_step = iterator, host_fetch, in_step
+
+
+def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool) -> _Input:
+  """With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
+  tf.data iterator on the host) read EAGERLY: its batches are step arguments, because `next` on a
+  symbolically checkpointed pipeline inside a `tf.function` deadlocked (docs/training.md). Otherwise
+  `distributed_dataset`'s DistributedIterator, passed into the step and read there (prefetches to the
+  devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
   """
   if checkpointable and pipeline.is_single_host(strategy):
     feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=batch_size)
-    return feed.iterator, feed.get_next
-  dist_dataset = pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size)
-  return iter(dist_dataset), next
+    return _Input(feed.iterator, feed.get_next, lambda batch: batch)
+  iterator = iter(pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size))
+  return _Input(iterator, lambda: iterator, next)
 
 
 def _iterator_is_saveable(iterator, model_dir: str) -> bool:
@@ -580,8 +595,8 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
     skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records",
                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-  iterator, next_batch = _make_input(strategy, dataset_fn, batch_size=batch_size,
-                                     checkpointable=checkpoint_data_iterator)
+  feed = _make_input(strategy, dataset_fn, batch_size=batch_size, checkpointable=checkpoint_data_iterator)
+  iterator = feed.iterator
   faults = _FileFaults(files)
   objects = dict(model=model, optimizer=opt, step=step, skipped_records=skipped_records,
                  file_faults=faults.variable)
@@ -610,7 +625,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
 
   fns = _StepFunctions(strategy=strategy, model=model, optimizer=opt, loss_fn=loss_fn,
                        metrics_fn=metrics_fn, step=step, skipped_records=skipped_records,
-                       next_batch=next_batch, clip_grad_norm=clip_grad_norm,
+                       next_batch=feed.in_step, clip_grad_norm=clip_grad_norm,
                        jit_compile=jit_compile, loss_scaling=loss_scaling)
   logger = SummaryLogger(model_dir=model_dir, chief=chief, total_steps=steps, global_batch_size=batch_size,
                          print_fn=print_fn)
@@ -639,7 +654,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
   logger.start(current)
   try:
     while current < steps:
-      metrics, finite, stop = fns.train_step(iterator, tf.constant(float(stop_request.requested)))
+      metrics, finite, stop = fns.train_step(feed.host_fetch(), tf.constant(float(stop_request.requested)))
       current += 1
       stop_request.armed = True
       if not bool(finite.numpy()):
