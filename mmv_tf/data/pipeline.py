@@ -660,13 +660,14 @@ def make_pretraining_dataset(
   `strict_files` (or `skip_bad_records=False`) fails at the first damaged file, naming it and the
   byte offset.
 
-  Record shuffle (`shuffle`, over `shuffle_buffer` records): "buffer" (default) is `Dataset.shuffle`'s
-  sliding buffer (the pipeline and example order of earlier versions); "block" (EXPERIMENTAL: a
-  restore inside `tf.function` hung in our tests, docs/training.md) permutes consecutive blocks of
-  `shuffle_buffer` records, each with its own stateless seed. With "block" and no
-  `bad_record_counter`, the pipeline uses tf.data's symbolic checkpointing: a saved iterator holds read
-  positions and small counters, not buffered records or clips. With "buffer" a saved iterator holds
-  the shuffle buffer and the clips in flight (~100 MB for the tiny demo config). docs/training.md,
+  Record shuffle (`shuffle`, over `shuffle_buffer` records): "buffer" (default here) is `Dataset.shuffle`'s
+  sliding buffer (the pipeline and example order of earlier versions); "block" (the trainer's default
+  when it saves the input position) permutes consecutive blocks of `shuffle_buffer` records, each with
+  its own stateless seed. With "block" and no `bad_record_counter`, the pipeline uses tf.data's
+  symbolic checkpointing: a saved iterator holds read positions and small counters, not buffered
+  records or clips (~0.1 MB for the tiny demo config); files are then counted before they are streamed
+  and interleaved sequentially. With "buffer" a saved iterator holds the shuffle buffer and the clips
+  in flight (~113 MB for the tiny demo config). docs/training.md,
   "Input position in checkpoints".
 
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
@@ -690,9 +691,8 @@ def make_pretraining_dataset(
     customize(processor)
   if shuffle not in SHUFFLES:
     raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-  # A counter variable cannot be checkpointed anyway. A `shuffle` buffer under symbolic checkpointing
-  # is still saved whole, and a restored 256-record one hung (TF 2.17.1): "buffer" keeps the old,
-  # fully saved pipeline.
+  # A counter variable cannot be checkpointed anyway. A `shuffle` buffer is saved whole even under
+  # symbolic checkpointing: "buffer" keeps the old, fully saved pipeline.
   symbolic = bad_record_counter is None and shuffle == "block"
   if mixture_weights is None:
     sources = [file_patterns]

@@ -19,9 +19,11 @@ Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradi
 here (the global norm needs them), so each replica passes its copy divided by the replica count.
 
 Input: on single-host strategies with `checkpoint_data_iterator` (the default), batches come from a
-`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint with its shuffle
-buffer and the clips in flight; docs/training.md, "Input position in checkpoints"); otherwise from
-`pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
+`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint; the family's
+pipeline then uses the block shuffle unless the data config names another, so the saved position is a
+few counters, not records; docs/training.md, "Input position in checkpoints"), read on the host before
+each step and passed to it as an argument; otherwise from `pipeline.distributed_dataset`, read inside
+the step. The `num_bad_records` of each batch is summed over replicas into the
 checkpointed `skipped_records` counter.
 
 Damaged data files (`data/tfrecord_reading.py`: truncated, corrupted, garbage, vanished) lose only their
@@ -612,13 +614,16 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
                       "input pipeline", type(iterator).__name__)
   writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
                                           strategy=strategy, keep=keep_checkpoints)
+  start = time.perf_counter()
   restored = writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  restore_seconds = time.perf_counter() - start  # with the block shuffle: re-reads the current block
   if restored:
     faults.restored()
   resumed_from = int(step.numpy()) if restored else None
   say = print_fn if (chief and print_fn) else (lambda _: None)
   if restored:
-    say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e})")
+    say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e}; "
+        f"restored in {restore_seconds:.2f} s)")
     for key in writer.missing_on_restore:  # e.g. a checkpoint written before these were saved
       logging.warning("%s has no %r: %s", restored, key, "the input pipeline restarts from its start"
                       if key == "iterator" else "the count restarts at 0")
