@@ -350,3 +350,21 @@ def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, 
   # The block shuffle saves read positions, not records (a record here is ~20 kB; the buffer shuffle
   # saved > 16 of them plus the clips in flight): far within the issue's "checkpoint within 2x".
   assert total - state < 0.05 * state, (total, state)
+
+
+def test_a_buffer_shuffle_checkpoint_resumes_with_a_clear_message(tmp_path, train_files):
+  """A run saved with shuffle='buffer' (the pipeline before the block default) does not restore into the
+  default pipeline: the error says how to resume it, and resuming with 'buffer' works."""
+  strategy = _strategy("default")
+  old = dict(OPTIONS, customize=add_example_id, shuffle="buffer")
+
+  def train(steps, data_config):
+    return trainer.train(model_dir=str(tmp_path), steps=steps, batch_size=PER_REPLICA_BATCH, train_files=train_files,
+                         data_config=data_config, strategy=strategy, family="mmv", model_builder=build_pool_model,
+                         model_config={"preprocessing": PREPROCESSING}, learning_rate=0.01, schedule="constant",
+                         log_every=1, print_fn=lambda line: None)
+
+  train(1, old)
+  with pytest.raises(ValueError, match=r"resume with data_config \{'shuffle': 'buffer'\}"):
+    train(2, dict(OPTIONS, customize=add_example_id))
+  assert train(2, old).resumed_from == 1

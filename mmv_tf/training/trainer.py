@@ -561,6 +561,20 @@ def _iterator_is_saveable(iterator, model_dir: str) -> bool:
       tf.io.gfile.rmtree(probe)
 
 
+def _restore(writer) -> Optional[str]:
+  """`writer.restore_latest`, with a clear message when the saved input position does not fit."""
+  try:
+    return writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  except tf.errors.NotFoundError as e:
+    if "Failed to restore dataset iterator" not in str(e):
+      raise
+    raise ValueError(
+        f"{writer.latest}: the saved input position does not fit this input pipeline (data files, batch "
+        "size, replicas or data config changed). Checkpoints written before the trainer's default record "
+        "shuffle became 'block' resume with data_config {'shuffle': 'buffer'}; "
+        "checkpoint_data_iterator=False resumes without the position (the input restarts).") from None
+
+
 def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> None:
   if not tf.train.latest_checkpoint(model_dir) or model_dir_lib.recorded_family(model_dir) is None:
     return
@@ -615,7 +629,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
   writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
                                           strategy=strategy, keep=keep_checkpoints)
   start = time.perf_counter()
-  restored = writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  restored = _restore(writer)
   restore_seconds = time.perf_counter() - start  # with the block shuffle: re-reads the current block
   if restored:
     faults.restored()
