@@ -802,9 +802,9 @@ class CheckpointableInput:
   batch r goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is a plain
   `tf.data` iterator.
 
-  `get_next()` is meant to be called EAGERLY (plain Python `next` calls), its result passed to the
-  compiled step: a pipeline saved with tf.data's symbolic checkpointing (`shuffle="block"`) deadlocked
-  when `next` ran inside a `tf.function` (TF 2.17.1, docs/training.md). Cost against
+  The trainer calls `get_next()` EAGERLY (plain Python `next` calls) and passes its result to the
+  compiled step, so no tf.data work runs in the step's executor (it also works inside a
+  `tf.function`). Cost against
   `distributed_dataset`: no prefetching onto the devices (each batch is copied to its replica's device
   before the step; free on CPU, a PCIe copy per step on GPUs).
   """

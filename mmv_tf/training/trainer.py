@@ -532,8 +532,8 @@ class _Input:
 
 def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool) -> _Input:
   """With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
-  tf.data iterator on the host) read EAGERLY: its batches are step arguments, because `next` on a
-  symbolically checkpointed pipeline inside a `tf.function` deadlocked (docs/training.md). Otherwise
+  tf.data iterator on the host) read EAGERLY: its batches are step arguments, so no tf.data work runs
+  in the step's executor (docs/training.md, "Input position in checkpoints"). Otherwise
   `distributed_dataset`'s DistributedIterator, passed into the step and read there (prefetches to the
   devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
   """
