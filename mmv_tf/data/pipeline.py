@@ -42,6 +42,7 @@ PhaseFn = Callable[[Features, dict], Features]
 # Added by `make_pretraining_dataset` to every example: int32, records dropped just before it (see
 # `_process_records`); the sum over a batch is the number of bad records that batch skipped.
 NUM_BAD_RECORDS = "num_bad_records"
+SHUFFLES = ("block", "buffer")  # record shuffles of training pipelines (`make_pretraining_dataset`)
 
 
 class Phase(enum.IntEnum):
@@ -471,12 +472,13 @@ def _placeholder(spec):
 
 def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
                      counter: Optional[BadRecordCounter], count_in_elements: bool,
-                     deterministic: bool) -> tf.data.Dataset:
+                     deterministic: bool, symbolic_checkpoint: bool = False) -> tf.data.Dataset:
   """Maps `fn` over (serialized, seed); with skipping, a failing record is dropped and counted.
 
-  Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave:
-  errors raised anywhere in parse/decode/checks stay confined to that record, and a placeholder
-  flagged `ok=False` takes its place so that the drop can be counted before it is filtered out.
+  Each record runs in its own one-element dataset with `ignore_errors`, inside a parallel interleave
+  (or, for `symbolic_checkpoint`, read to its single element inside a parallel map): errors raised
+  anywhere in parse/decode/checks stay confined to that record, and a placeholder flagged `ok=False`
+  takes its place so that the drop can be counted before it is filtered out.
 
   Counting: `counter` (a host variable incremented inside tf.data: makes the iterator unsaveable)
   and/or `count_in_elements`, which adds `NUM_BAD_RECORDS` (int32 scalar) to every example: the number
@@ -494,8 +496,15 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
     bad = tf.data.Dataset.from_tensors((_placeholder(good.element_spec[0]), False))
     return good.ignore_errors(log_warning=True).concatenate(bad).take(1)
 
-  out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
-                           num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  if symbolic_checkpoint:
+    # The one-element dataset lives and dies inside one map call, so no `ignore_errors` iterator is
+    # part of the iterator state (symbolic checkpointing cannot save one; docs/training.md). Without
+    # symbolic checkpointing, `get_single_element` in a map makes the iterator unsaveable ("stateful").
+    out = records.map(lambda r, s: isolate(r, s).get_single_element(), num_parallel_calls=AUTOTUNE,
+                      deterministic=deterministic)
+  else:
+    out = records.interleave(isolate, cycle_length=max(2, os.cpu_count() or 2), block_length=1,
+                             num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if counter is not None:
     variable = counter.variable
 
@@ -518,6 +527,19 @@ def _process_records(records: tf.data.Dataset, fn, *, skip_bad_records: bool,
   return out.map(lambda feats, ok, dropped: dict(feats, **{NUM_BAD_RECORDS: dropped}))
 
 
+def _block_shuffle(ds: tf.data.Dataset, *, block_size: int, seed: int) -> tf.data.Dataset:
+  """Consecutive blocks of `block_size` elements, each permuted with a stateless seed (seed, block index).
+
+  Under symbolic checkpointing the saved position is the input's position at the start of the current
+  block plus the index inside it: a restore re-reads that block and permutes it the same way, so no
+  element is saved (a `shuffle` buffer is saved whole).
+  """
+  def permute(index, block):
+    return tf.random.experimental.stateless_shuffle(block, seed=tf.stack([tf.constant(seed, tf.int64), index]))
+
+  return ds.batch(block_size).enumerate().map(permute).unbatch()
+
+
 def _shard_files(files: List[str], input_context) -> tuple:
   """Files for this input pipeline; falls back to record sharding when there are too few files."""
   if input_context is None or input_context.num_input_pipelines == 1:
@@ -533,8 +555,14 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
                    salt: int, input_context, shuffle_buffer: int, skip_bad_records: bool,
                    counter: Optional[BadRecordCounter], count_in_elements: bool,
                    num_parallel_reads: Optional[int], max_bad_files: Optional[int],
-                   strict_files: bool) -> tf.data.Dataset:
-  """One source: files -> (shuffled) interleaved records -> processed examples (unbatched)."""
+                   strict_files: bool, shuffle: str = "buffer",
+                   symbolic_checkpoint: bool = False) -> tf.data.Dataset:
+  """One source: files -> (shuffled) interleaved records -> processed examples (unbatched).
+
+  `shuffle`: "block" (`_block_shuffle`) or "buffer" (`Dataset.shuffle`) of `shuffle_buffer` records.
+  `symbolic_checkpoint`: build it from ops that tf.data's symbolic checkpointing can save (the files
+  are counted first, tfrecord_reading.py; bad records are isolated inside a map).
+  """
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
   files, shard_records = _shard_files(files, input_context)
   base = _base_seed(seed, salt, pipeline_id)
@@ -542,13 +570,19 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   # Damaged files lose only their unreadable part (tfrecord_reading.py); not skipping bad records
   # makes a damaged file fatal too.
   reading = tfrecord_reading.TFRecordFiles(files, strict=strict_files or not skip_bad_records,
-                                           max_bad_files=max_bad_files)
+                                           max_bad_files=max_bad_files,
+                                           count_first=symbolic_checkpoint)
   ds = reading.files()
   if is_training:
     ds = ds.shuffle(len(files), seed=base, reshuffle_each_iteration=True).repeat()
   # Training interleaves shards in parallel; evaluation reads them one after another (file order).
   cycle = min(len(files), num_parallel_reads or 8) if is_training else 1
-  if cycle > 1:
+  if cycle > 1 and symbolic_checkpoint:
+    # Sequential interleave, same record order as the deterministic parallel one: a restored parallel
+    # interleave deadlocked when the block shuffle re-read its block during the restore (TF 2.17.1,
+    # docs/training.md). Reading is raw bytes; decoding stays parallel below.
+    ds = ds.interleave(reading.read_file, cycle_length=cycle, block_length=1)
+  elif cycle > 1:
     ds = ds.interleave(reading.read_file, cycle_length=cycle, block_length=1,
                        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   else:
@@ -556,12 +590,15 @@ def _read_examples(*, files: List[str], processor: ClipProcessor, is_training: b
   ds = reading.records(ds)
   if shard_records:
     ds = ds.shard(input_context.num_input_pipelines, pipeline_id)
-  if is_training and shuffle_buffer > 1:
+  if is_training and shuffle_buffer > 1 and shuffle == "block":
+    ds = _block_shuffle(ds, block_size=shuffle_buffer, seed=base + 1)
+  elif is_training and shuffle_buffer > 1:
     ds = ds.shuffle(shuffle_buffer, seed=base + 1, reshuffle_each_iteration=True)
   # Per-example seed = (pipeline base, running index): reproducible and distinct across pipelines.
   ds = ds.enumerate().map(lambda i, r: (r, tf.stack([tf.constant(base, tf.int64), i])))
   return _process_records(ds, processor, skip_bad_records=skip_bad_records, counter=counter,
-                          count_in_elements=count_in_elements, deterministic=deterministic)
+                          count_in_elements=count_in_elements, deterministic=deterministic,
+                          symbolic_checkpoint=symbolic_checkpoint)
 
 
 def _spec_tokenizer(spec: views_lib.PipelineSpec, vocabulary, tokenizer):
@@ -572,9 +609,12 @@ def _spec_tokenizer(spec: views_lib.PipelineSpec, vocabulary, tokenizer):
   return text_lib.WordTokenizer(vocabulary=vocabulary, max_tokens=text_view.max_tokens)
 
 
-def _options(deterministic: bool) -> tf.data.Options:
+def _options(deterministic: bool, *, symbolic_checkpoint: bool = False) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = deterministic
+  # A saved iterator holds positions, not buffered elements (docs/training.md, "Input position in
+  # checkpoints").
+  options.experimental_symbolic_checkpoint = symbolic_checkpoint
   options.experimental_optimization.map_parallelization = True
   return options
 
@@ -596,7 +636,7 @@ def make_pretraining_dataset(
     seed: Optional[int] = None, input_context: Optional[tf.distribute.InputContext] = None,
     mixture_weights: Optional[Sequence[float]] = None, skip_bad_records: bool = True,
     bad_record_counter: Optional[BadRecordCounter] = None, shuffle_buffer: int = 256,
-    num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
+    shuffle: str = "buffer", num_parallel_reads: Optional[int] = None, max_bad_files: Optional[int] = None,
     strict_files: bool = False,
     customize: Optional[Callable[[ClipProcessor], None]] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder, static shapes), prefetched batches.
@@ -620,6 +660,16 @@ def make_pretraining_dataset(
   `strict_files` (or `skip_bad_records=False`) fails at the first damaged file, naming it and the
   byte offset.
 
+  Record shuffle (`shuffle`, over `shuffle_buffer` records): "buffer" (default here) is `Dataset.shuffle`'s
+  sliding buffer (the pipeline and example order of earlier versions); "block" (the trainer's default
+  when it saves the input position) permutes consecutive blocks of `shuffle_buffer` records, each with
+  its own stateless seed. With "block" and no `bad_record_counter`, the pipeline uses tf.data's
+  symbolic checkpointing: a saved iterator holds read positions and small counters, not buffered
+  records or clips (~0.1 MB for the tiny demo config); files are then counted before they are streamed
+  and interleaved sequentially. With "buffer" a saved iterator holds the shuffle buffer and the clips
+  in flight (~113 MB for the tiny demo config). docs/training.md,
+  "Input position in checkpoints".
+
   `file_patterns`: a pattern or a list of patterns (one source), or with `mixture_weights` a list with
   one entry (pattern or list of patterns) per source, sampled with those weights; every source keeps
   its own `has_text` (a clip without captions has has_text 0 and an all-zero text_mask).
@@ -639,6 +689,11 @@ def make_pretraining_dataset(
   processor = views_lib.build_processor(spec, is_training=True, tokenizer=_spec_tokenizer(spec, vocabulary, tokenizer))
   if customize is not None:
     customize(processor)
+  if shuffle not in SHUFFLES:
+    raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+  # A counter variable cannot be checkpointed anyway. A `shuffle` buffer is saved whole even under
+  # symbolic checkpointing: "buffer" keeps the old, fully saved pipeline.
+  symbolic = bad_record_counter is None and shuffle == "block"
   if mixture_weights is None:
     sources = [file_patterns]
   else:
@@ -650,7 +705,8 @@ def make_pretraining_dataset(
                      input_context=input_context, shuffle_buffer=shuffle_buffer,
                      skip_bad_records=skip_bad_records, counter=bad_record_counter,
                      count_in_elements=True, num_parallel_reads=num_parallel_reads,
-                     max_bad_files=max_bad_files, strict_files=strict_files)
+                     max_bad_files=max_bad_files, strict_files=strict_files, shuffle=shuffle,
+                     symbolic_checkpoint=symbolic)
       for i, src in enumerate(sources)]
   if len(datasets) == 1:
     ds = datasets[0]
@@ -662,7 +718,7 @@ def make_pretraining_dataset(
   ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE,
                 deterministic=seed is not None)
   ds = ds.prefetch(AUTOTUNE)
-  return ds.with_options(_options(seed is not None))
+  return ds.with_options(_options(seed is not None, symbolic_checkpoint=symbolic))
 
 
 def make_eval_dataset(
@@ -742,11 +798,15 @@ class CheckpointableInput:
   The same input as `distributed_dataset` for a single-host strategy, built differently: TF 2.17's
   multi-device `DistributedIterator` is not trackable, so its position cannot be checkpointed.
   `dataset_fn` is called once, with one input pipeline and the per-replica batch size (as
-  `distribute_datasets_from_function` does on one host); R consecutive batches are stacked and batch
-  r of each group goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is
-  a plain `tf.data` iterator; `get_next(iterator)` (inside or outside `tf.function`) returns the
-  per-replica values. Cost against `distributed_dataset`: no prefetching onto the devices (each step
-  copies its batch from the host when it starts; free on CPU, a PCIe copy per step on GPUs).
+  `distribute_datasets_from_function` does on one host); each step reads R consecutive batches and
+  batch r goes to replica r (the order `distributed_dataset` hands them out in). `iterator` is a plain
+  `tf.data` iterator.
+
+  The trainer calls `get_next()` EAGERLY (plain Python `next` calls) and passes its result to the
+  compiled step, so no tf.data work runs in the step's executor (it also works inside a
+  `tf.function`). Cost against
+  `distributed_dataset`: no prefetching onto the devices (each batch is copied to its replica's device
+  before the step; free on CPU, a PCIe copy per step on GPUs).
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, dataset_fn: Callable[..., tf.data.Dataset], *,
@@ -759,15 +819,19 @@ class CheckpointableInput:
       raise ValueError(f"global batch {global_batch_size} is not divisible by {self.replicas} replicas")
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=self.replicas)
-    dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
-    if self.replicas > 1:
-      dataset = dataset.batch(self.replicas, drop_remainder=True)
-    self.dataset = dataset
-    self.iterator = iter(dataset)
+    # No `batch(R)` on top: R `next` calls read the same batches without one more buffering op in the
+    # saved state.
+    self.dataset = dataset_fn(input_context=context, batch_size=global_batch_size // self.replicas)
+    self.iterator = iter(self.dataset)
 
   def get_next(self, iterator=None):
-    element = next(iterator if iterator is not None else self.iterator)
+    """The next step's per-replica batches (a plain batch with one replica)."""
+    iterator = iterator if iterator is not None else self.iterator
+    batches = [next(iterator) for _ in range(self.replicas)]
     if self.replicas == 1:
-      return element
-    return self.strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.nest.map_structure(lambda t: t[ctx.replica_id_in_sync_group], element))
+      return batches[0]
+
+    def on_device(ctx):  # called under replica r's device scope: the copy happens here, not in the step
+      return tf.nest.map_structure(tf.identity, batches[ctx.replica_id_in_sync_group])
+
+    return self.strategy.experimental_distribute_values_from_function(on_device)

@@ -22,6 +22,16 @@ Faults and how they are detected (TF 2.17 behaviour, checked by tests/test_damag
   and the open (microseconds apart), or exists without read permission, would still hang the reader.
 * Zero-length file: no records; reported as an empty file, not counted as a fault.
 
+Counting first (`count_first=True`, what `shuffle="block"` training pipelines use): tf.data's
+symbolic checkpointing saves an iterator's position without its buffers, but cannot save a live
+`ignore_errors` iterator (TF 2.17: "IgnoreErrorsDataset does not support symbolic checkpointing").
+With `count_first`, each
+file is first read to its end inside one `map` call (the `ignore_errors` iterator lives and dies in
+that call) to count its readable records, then streamed with `take(count)`, which cannot fail. Cost:
+every file is read twice (the second read is usually served by the page cache on local disks; twice
+the bytes on remote storage). A file damaged between the two reads fails the pipeline with the read
+error instead of being skipped.
+
 Each reported file yields a marker element after its records; `records()` turns markers into checks
 (`strict`, `max_bad_files`, every file bad) and a warning naming the file once per iterator, and drops
 them. The per-file state (which files were reported, how many faults) is `scan` state, hence part of
@@ -189,7 +199,7 @@ class TFRecordFiles:
   """
 
   def __init__(self, files: Sequence[str], *, strict: bool = False, max_bad_files: Optional[int] = None,
-               buffer_size: int = 1 << 20):
+               buffer_size: int = 1 << 20, count_first: bool = False):
     if not files:
       raise ValueError("no files to read")
     if max_bad_files is not None and max_bad_files < 0:
@@ -199,6 +209,7 @@ class TFRecordFiles:
     self.strict = strict
     self.max_bad_files = max_bad_files
     self.buffer_size = buffer_size
+    self.count_first = count_first
     self._log = _fault_log()
 
   def files(self) -> tf.data.Dataset:
@@ -209,16 +220,34 @@ class TFRecordFiles:
   def read_file(self, path, size, index) -> tf.data.Dataset:
     """(record, index, code, offset, count) per record of one file (count = records before it), then a
     marker if the file is reported."""
+    if self.count_first:
+      # Probe and count inside one map call: no `ignore_errors` iterator outlives it (module docstring).
+      info = tf.data.Dataset.from_tensors((path, size)).map(self._probe_and_count)
+    else:
+      info = self._probe(path, size).map(lambda ok: (ok, tf.where(ok, tf.constant(-1, tf.int64), 0)))
+    return info.flat_map(lambda ok, take: self._records_and_marker(path, size, index, ok, take))
+
+  @staticmethod
+  def _probe(path, size) -> tf.data.Dataset:
+    """One bool: whether the file can be opened."""
     # A probe error (e.g. listing a vanished folder) drops the probe's element, counting as not opened.
     opened = tf.data.Dataset.from_tensors(path).map(_opens).ignore_errors()
     opened = opened.concatenate(tf.data.Dataset.from_tensors(False)).take(1)
-    opened = opened.map(lambda ok: tf.logical_and(ok, size >= 0))  # -1: stat failed when built
-    return opened.flat_map(lambda ok: self._records_and_marker(path, size, index, ok))
+    return opened.map(lambda ok: tf.logical_and(ok, size >= 0))  # -1: stat failed when built
 
-  def _records_and_marker(self, path, size, index, opened) -> tf.data.Dataset:
-    # take(0) never opens the file: an unopenable file must not reach TFRecordDataset (see docstring).
+  def _probe_and_count(self, path, size):
+    """(opened, readable records at the start of `path`; 0 when not opened): reads the whole file."""
+    opened = self._probe(path, size).get_single_element()
     records = tf.data.TFRecordDataset(path, buffer_size=self.buffer_size).take(
         tf.where(opened, tf.constant(-1, tf.int64), 0)).ignore_errors()
+    return opened, records.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+
+  def _records_and_marker(self, path, size, index, opened, take) -> tf.data.Dataset:
+    # `take` = -1 (read to the first fault, which `ignore_errors` turns into the end) or the counted
+    # readable records; 0 never opens the file: an unopenable file must not reach TFRecordDataset.
+    records = tf.data.TFRecordDataset(path, buffer_size=self.buffer_size).take(take)
+    if not self.count_first:
+      records = records.ignore_errors()
     records = records.map(lambda r: (r, tf.cast(tf.strings.length(r), tf.int64) + RECORD_OVERHEAD,
                                      tf.constant(False)))
     end = tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(0, tf.int64), tf.constant(True)))

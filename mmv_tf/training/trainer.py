@@ -19,9 +19,11 @@ Keras 3 optimizers sum gradients across replicas in `apply_gradients`; the gradi
 here (the global norm needs them), so each replica passes its copy divided by the replica count.
 
 Input: on single-host strategies with `checkpoint_data_iterator` (the default), batches come from a
-`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint with its shuffle
-buffer and the clips in flight; docs/training.md, "Input position in checkpoints"); otherwise from
-`pipeline.distributed_dataset`. The `num_bad_records` of each batch is summed over replicas into the
+`pipeline.CheckpointableInput` (one host tf.data iterator, saved in every checkpoint; the family's
+pipeline then uses the block shuffle unless the data config names another, so the saved position is a
+few counters, not records; docs/training.md, "Input position in checkpoints"), read on the host before
+each step and passed to it as an argument; otherwise from `pipeline.distributed_dataset`, read inside
+the step. The `num_bad_records` of each batch is summed over replicas into the
 checkpointed `skipped_records` counter.
 
 Damaged data files (`data/tfrecord_reading.py`: truncated, corrupted, garbage, vanished) lose only their
@@ -204,9 +206,9 @@ class _StepFunctions:
     for variable, value in zip(self.model.non_trainable_variables, state):
       variable.assign(value)
 
-  def _train_step(self, iterator, stop_request):
+  def _train_step(self, source, stop_request):
     s = self.strategy
-    batch = self.next_batch(iterator)
+    batch = self.next_batch(source)  # `source`: the batches or the iterator to read them from
     grads, metrics, finite, stop, state, bad_records = s.run(self._replica_step,
                                                              args=(batch, stop_request))
     first = lambda x: s.experimental_local_results(x)[0]  # all-reduced: identical on every replica
@@ -336,9 +338,14 @@ def _training_files(train_files) -> Optional[List[str]]:
   return sorted({f for src in sources for f in pipeline.list_files(src)})
 
 
-def _strict_data_options(data_config: Mapping[str, Any], strict: bool) -> Dict[str, Any]:
-  """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`."""
-  return dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
+def _data_options(data_config: Mapping[str, Any], *, strict: bool, position_saved: bool) -> Dict[str, Any]:
+  """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`, and
+  the block shuffle unless another is asked for when the input position is saved: its saved position
+  is a few counters, the buffer shuffle's holds its records (docs/training.md)."""
+  options = dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
+  if position_saved:
+    options.setdefault("shuffle", "block")
+  return options
 
 
 # ---- train() ------------------------------------------------------------------------------------------
@@ -452,7 +459,9 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
     # A custom model_builder may take a partial config: the data settings are the completed config's.
     dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
                                       vocabulary=vocab, seed=seed,
-                                      options=_strict_data_options(data_config or {}, strict_data))
+                                      options=_data_options(data_config or {}, strict=strict_data,
+                                                            position_saved=checkpoint_data_iterator
+                                                            and pipeline.is_single_host(strategy)))
   optimizer_options = {**(fam.optimizer_options(model_config) if fam is not None else {}),
                        **dict(optimizer_options or {})}
   if loss_fn is None:
@@ -513,18 +522,26 @@ def _with_vocabulary_size(config: Dict[str, Any], key: str, size: int) -> Dict[s
   return config
 
 
-def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool):
-  """(iterator, next_batch): `next_batch(iterator)` gives the per-replica batches of one step.
+class _Input:
+  """Where a step's batches come from: `host_fetch()` runs on the host before each step and its result
+  is the step's first argument; `in_step(arg)` turns that argument into per-replica batches inside it."""
 
-  With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
-  tf.data iterator on the host); otherwise `distributed_dataset`'s DistributedIterator (prefetches to
-  the devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
+  def __init__(self, iterator, host_fetch, in_step):
+    self.iterator, self.host_fetch, self.in_step = iterator, host_fetch, in_step
+
+
+def _make_input(strategy, dataset_fn, *, batch_size: int, checkpointable: bool) -> _Input:
+  """With `checkpointable` on a single-host strategy, a `CheckpointableInput` (a plain, trackable
+  tf.data iterator on the host) read EAGERLY: its batches are step arguments, so no tf.data work runs
+  in the step's executor (docs/training.md, "Input position in checkpoints"). Otherwise
+  `distributed_dataset`'s DistributedIterator, passed into the step and read there (prefetches to the
+  devices; with several devices, TPUs or workers it cannot be checkpointed in TF 2.17).
   """
   if checkpointable and pipeline.is_single_host(strategy):
     feed = pipeline.CheckpointableInput(strategy, dataset_fn, global_batch_size=batch_size)
-    return feed.iterator, feed.get_next
-  dist_dataset = pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size)
-  return iter(dist_dataset), next
+    return _Input(feed.iterator, feed.get_next, lambda batch: batch)
+  iterator = iter(pipeline.distributed_dataset(strategy, dataset_fn, global_batch_size=batch_size))
+  return _Input(iterator, lambda: iterator, next)
 
 
 def _iterator_is_saveable(iterator, model_dir: str) -> bool:
@@ -542,6 +559,20 @@ def _iterator_is_saveable(iterator, model_dir: str) -> bool:
   finally:
     if tf.io.gfile.exists(probe):
       tf.io.gfile.rmtree(probe)
+
+
+def _restore(writer) -> Optional[str]:
+  """`writer.restore_latest`, with a clear message when the saved input position does not fit."""
+  try:
+    return writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  except tf.errors.NotFoundError as e:
+    if "Failed to restore dataset iterator" not in str(e):
+      raise
+    raise ValueError(
+        f"{writer.latest}: the saved input position does not fit this input pipeline (data files, batch "
+        "size, replicas or data config changed). Checkpoints written before the trainer's default record "
+        "shuffle became 'block' resume with data_config {'shuffle': 'buffer'}; "
+        "checkpoint_data_iterator=False resumes without the position (the input restarts).") from None
 
 
 def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> None:
@@ -580,8 +611,8 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
     skipped_records = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records",
                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-  iterator, next_batch = _make_input(strategy, dataset_fn, batch_size=batch_size,
-                                     checkpointable=checkpoint_data_iterator)
+  feed = _make_input(strategy, dataset_fn, batch_size=batch_size, checkpointable=checkpoint_data_iterator)
+  iterator = feed.iterator
   faults = _FileFaults(files)
   objects = dict(model=model, optimizer=opt, step=step, skipped_records=skipped_records,
                  file_faults=faults.variable)
@@ -597,20 +628,23 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
                       "input pipeline", type(iterator).__name__)
   writer = checkpointing.CheckpointWriter(checkpoint=tf.train.Checkpoint(**objects), model_dir=model_dir,
                                           strategy=strategy, keep=keep_checkpoints)
-  restored = writer.restore_latest(optional=("iterator", "skipped_records", "file_faults"))
+  start = time.perf_counter()
+  restored = _restore(writer)
+  restore_seconds = time.perf_counter() - start  # with the block shuffle: re-reads the current block
   if restored:
     faults.restored()
   resumed_from = int(step.numpy()) if restored else None
   say = print_fn if (chief and print_fn) else (lambda _: None)
   if restored:
-    say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e})")
+    say(f"resumed from {restored} at step {resumed_from} (lr {float(opt.learning_rate):.3e}; "
+        f"restored in {restore_seconds:.2f} s)")
     for key in writer.missing_on_restore:  # e.g. a checkpoint written before these were saved
       logging.warning("%s has no %r: %s", restored, key, "the input pipeline restarts from its start"
                       if key == "iterator" else "the count restarts at 0")
 
   fns = _StepFunctions(strategy=strategy, model=model, optimizer=opt, loss_fn=loss_fn,
                        metrics_fn=metrics_fn, step=step, skipped_records=skipped_records,
-                       next_batch=next_batch, clip_grad_norm=clip_grad_norm,
+                       next_batch=feed.in_step, clip_grad_norm=clip_grad_norm,
                        jit_compile=jit_compile, loss_scaling=loss_scaling)
   logger = SummaryLogger(model_dir=model_dir, chief=chief, total_steps=steps, global_batch_size=batch_size,
                          print_fn=print_fn)
@@ -639,7 +673,7 @@ def _run(*, model_dir, steps, batch_size, strategy, chief, model_builder, model_
   logger.start(current)
   try:
     while current < steps:
-      metrics, finite, stop = fns.train_step(iterator, tf.constant(float(stop_request.requested)))
+      metrics, finite, stop = fns.train_step(feed.host_fetch(), tf.constant(float(stop_request.requested)))
       current += 1
       stop_request.armed = True
       if not bool(finite.numpy()):
