@@ -10,6 +10,7 @@ step, per replica and position, and a fingerprint of the augmented frames.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import keras
@@ -352,19 +353,29 @@ def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, 
   assert total - state < 0.05 * state, (total, state)
 
 
-def test_a_buffer_shuffle_checkpoint_resumes_with_a_clear_message(tmp_path, train_files):
-  """A run saved with shuffle='buffer' (the pipeline before the block default) does not restore into the
-  default pipeline: the error says how to resume it, and resuming with 'buffer' works."""
+def test_the_record_shuffle_of_a_model_dir_is_kept_across_resumes(tmp_path, train_files):
+  """A saved position restores only into the pipeline it came from, so the model dir records the shuffle:
+  a resume that names none gets the recorded one; checkpoints of earlier versions (no record) get
+  'buffer', their pipeline; naming another shuffle is a clear error."""
   strategy = _strategy("default")
-  old = dict(OPTIONS, customize=add_example_id, shuffle="buffer")
+  record = tmp_path / trainer.INPUT_POSITION_NAME
 
-  def train(steps, data_config):
-    return trainer.train(model_dir=str(tmp_path), steps=steps, batch_size=PER_REPLICA_BATCH, train_files=train_files,
-                         data_config=data_config, strategy=strategy, family="mmv", model_builder=build_pool_model,
+  def train(model_dir, steps, **data_config):
+    return trainer.train(model_dir=str(model_dir), steps=steps, batch_size=PER_REPLICA_BATCH,
+                         train_files=train_files, data_config=dict(OPTIONS, customize=add_example_id, **data_config),
+                         strategy=strategy, family="mmv", model_builder=build_pool_model,
                          model_config={"preprocessing": PREPROCESSING}, learning_rate=0.01, schedule="constant",
                          log_every=1, print_fn=lambda line: None)
 
-  train(1, old)
-  with pytest.raises(ValueError, match=r"resume with data_config \{'shuffle': 'buffer'\}"):
-    train(2, dict(OPTIONS, customize=add_example_id))
-  assert train(2, old).resumed_from == 1
+  train(tmp_path, 1, shuffle="buffer")
+  assert json.loads(record.read_text()) == {"shuffle": "buffer"}
+  assert train(tmp_path, 2).resumed_from == 1  # the recorded 'buffer'
+  record.unlink()  # as in a model dir written before the shuffle was recorded
+  assert train(tmp_path, 3).resumed_from == 2
+  assert json.loads(record.read_text()) == {"shuffle": "buffer"}
+  with pytest.raises(ValueError, match="does not fit this input pipeline"):
+    train(tmp_path, 4, shuffle="block")
+  assert json.loads(record.read_text()) == {"shuffle": "buffer"}  # unchanged by the failed resume
+  new_run = tmp_path / "new"
+  train(new_run, 1)
+  assert json.loads((new_run / trainer.INPUT_POSITION_NAME).read_text()) == {"shuffle": "block"}

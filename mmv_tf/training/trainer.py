@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
+from mmv_tf import files as files_lib
 from mmv_tf.data import pipeline
 from mmv_tf.data import tfrecord_reading
 from mmv_tf.families import model_dir as model_dir_lib
@@ -338,14 +339,33 @@ def _training_files(train_files) -> Optional[List[str]]:
   return sorted({f for src in sources for f in pipeline.list_files(src)})
 
 
-def _data_options(data_config: Mapping[str, Any], *, strict: bool, position_saved: bool) -> Dict[str, Any]:
+def _data_options(data_config: Mapping[str, Any], *, strict: bool, shuffle: Optional[str]) -> Dict[str, Any]:
   """`data_config` with the pipeline failing at the first bad record or damaged file when `strict`, and
-  the block shuffle unless another is asked for when the input position is saved: its saved position
-  is a few counters, the buffer shuffle's holds its records (docs/training.md)."""
+  record shuffle `shuffle` unless the config names one."""
   options = dict(data_config, skip_bad_records=False, strict_files=True) if strict else dict(data_config)
-  if position_saved:
-    options.setdefault("shuffle", "block")
+  if shuffle is not None:
+    options.setdefault("shuffle", shuffle)
   return options
+
+
+INPUT_POSITION_NAME = "input_position.json"  # the record shuffle the run's saved input positions need
+
+
+def _position_shuffle(model_dir: str, data_config: Mapping[str, Any], *, chief: bool) -> str:
+  """The record shuffle of a run that saves its input position, recorded in `model_dir` so that every
+  resume builds the pipeline its checkpoints were saved from (a saved position restores only into the
+  same pipeline graph): the one the data config names, else the recorded one, else 'block' for a new run
+  (its position is a few counters; the buffer shuffle's holds its records, docs/training.md) and
+  'buffer' for checkpoints written before the shuffle was recorded (earlier versions' pipeline)."""
+  path = os.path.join(model_dir, INPUT_POSITION_NAME)
+  recorded = json.loads(tf.io.gfile.GFile(path).read())["shuffle"] if tf.io.gfile.exists(path) else None
+  resumed = tf.train.latest_checkpoint(model_dir) is not None
+  shuffle = data_config.get("shuffle") or recorded or ("buffer" if resumed else "block")
+  # Recorded once, when it is known to match the checkpoints: a new run, or an earlier version's resumed
+  # with its own pipeline. A named shuffle that does not match fails the restore and records nothing.
+  if chief and recorded is None and (not resumed or "shuffle" not in data_config):
+    files_lib.write_json_atomically(path, {"shuffle": shuffle})
+  return shuffle
 
 
 # ---- train() ------------------------------------------------------------------------------------------
@@ -454,14 +474,15 @@ def train(*, model_dir: str, steps: int, batch_size: int, family: Optional[str] 
     from mmv_tf.data import text
     text.write_vocabulary(os.path.join(model_dir, model_dir_lib.VOCAB_NAME), vocab)
   if dataset_fn is None:
+    position_shuffle = (_position_shuffle(model_dir, data_config or {}, chief=chief)
+                        if checkpoint_data_iterator and pipeline.is_single_host(strategy) else None)
     if train_files is None:
       raise ValueError("pass `train_files` (TFRecord patterns) or a `dataset_fn`")
     # A custom model_builder may take a partial config: the data settings are the completed config's.
     dataset_fn = fam.train_dataset_fn(fam.complete_config(model_config), file_patterns=train_files,
                                       vocabulary=vocab, seed=seed,
                                       options=_data_options(data_config or {}, strict=strict_data,
-                                                            position_saved=checkpoint_data_iterator
-                                                            and pipeline.is_single_host(strategy)))
+                                                            shuffle=position_shuffle))
   optimizer_options = {**(fam.optimizer_options(model_config) if fam is not None else {}),
                        **dict(optimizer_options or {})}
   if loss_fn is None:
@@ -570,9 +591,8 @@ def _restore(writer) -> Optional[str]:
       raise
     raise ValueError(
         f"{writer.latest}: the saved input position does not fit this input pipeline (data files, batch "
-        "size, replicas or data config changed). Checkpoints written before the trainer's default record "
-        "shuffle became 'block' resume with data_config {'shuffle': 'buffer'}; "
-        "checkpoint_data_iterator=False resumes without the position (the input restarts).") from None
+        f"size, replicas or data config changed; the record shuffle it was saved with is in {INPUT_POSITION_NAME}"
+        "). checkpoint_data_iterator=False resumes without the position (the input restarts).") from None
 
 
 def _check_same_config(model_dir: str, family, config: Mapping[str, Any]) -> None:
