@@ -12,7 +12,10 @@ Each measurement runs in its own process; the systems alternate A B A B for `--r
 medians are reported, wall clips/s and clips per CPU-second of the process, with their ratios.
 
   .venv/bin/python benchmarks/input_pipeline.py --dmvr_src /tmp/dmvr_src [--config mmv|vatt] [--rounds 3]
-      [--batches 30] [--ours_colour exact fused] [--with_baseline]
+      [--batches 30] [--ours_colour exact fused] [--with_baseline] [--with_block_shuffle]
+
+`--with_block_shuffle` adds our pipeline with `shuffle='block'` (seeded), the record shuffle the trainer
+uses when it saves the input position (docs/training.md, "Input position in checkpoints").
 
 `--config vatt` runs VATT's pre-training inputs instead (32 x 224^2, raw 3.2 s waveform, 5 captions; see
 CONFIGS). BraVe's views have no DMVR counterpart (random-resized crop, blur, synchronised two-view
@@ -193,13 +196,14 @@ def dmvr_dataset(*, dmvr_src, pattern, vocab_path, c):
   return factory.make_dataset(shuffle=True, batch_size=c["batch_size"])
 
 
-def ours_dataset(*, pattern, vocab_path, colour, c, baseline=False):
+def ours_dataset(*, pattern, vocab_path, colour, c, baseline=False, shuffle="buffer"):
   mel = dict(with_log_mel=True, log_mel_settings={"num_mel_bins": c["num_mel_bins"]}) if c["num_mel_bins"] \
       else dict(with_log_mel=False, with_waveform=True)
   return make(pattern=pattern, vocab=vocab_path, baseline=baseline, batch_size=c["batch_size"],
               num_frames=c["num_frames"], stride=1, crop_size=c["crop_size"], min_resize=c["min_resize"],
               num_captions=c["num_captions"], max_tokens=c["max_tokens"], sample_rate=c["sample_rate"],
-              num_audio_samples=c["num_samples"], scale_jitter=False, seed=None, color_mode=colour, **mel)
+              num_audio_samples=c["num_samples"], scale_jitter=False, color_mode=colour, shuffle=shuffle,
+              seed=0 if shuffle == "block" else None, **mel)  # the block shuffle is the seeded (trainer) pipeline
 
 
 def run_worker(args):
@@ -209,16 +213,18 @@ def run_worker(args):
   if args.worker == "dmvr":
     ds = dmvr_dataset(dmvr_src=args.dmvr_src, pattern=pattern, vocab_path=vocab_path, c=c)
   else:
-    system, _, colour = args.worker.partition(":")
+    system, colour, shuffle = (args.worker.split(":") + ["", ""])[:3]  # ours:<colour>[:block]
     ds = ours_dataset(pattern=pattern, vocab_path=vocab_path, colour=colour or "exact", c=c,
-                      baseline=system == "baseline")
+                      baseline=system == "baseline", shuffle=shuffle or "buffer")
   wall, cpu = measure(ds, batches=args.batches, warmup=args.warmup, batch_size=c["batch_size"])
   print("RESULT " + json.dumps({"system": args.worker, "wall": wall, "cpu": cpu}), flush=True)
 
 
 def run_against_dmvr(args):
   write_dmvr_layout(args.data_dir)  # once, before any timing
-  systems = ["dmvr"] + [f"ours:{c}" for c in args.ours_colour] + (["baseline"] if args.with_baseline else [])
+  systems = (["dmvr"] + [f"ours:{c}" for c in args.ours_colour]
+             + [f"ours:{c}:block" for c in args.ours_colour if args.with_block_shuffle]
+             + (["baseline"] if args.with_baseline else []))
   results = {s: [] for s in systems}
   for r in range(args.rounds):
     for system in systems:
@@ -235,6 +241,8 @@ def run_against_dmvr(args):
   labels = {"dmvr": f"DMVR (add_image/{audio}/add_text + color_default_augm)",
             "baseline": "mmv_tf with our decode-then-crop baseline step (not DMVR), colour exact"}
   labels.update({f"ours:{c}": f"mmv_tf (make_pretraining_dataset, scale_jitter=False, color_mode={c})"
+                 for c in args.ours_colour})
+  labels.update({f"ours:{c}:block": f"mmv_tf as above, color_mode={c}, shuffle='block' (the trainer's default)"
                  for c in args.ours_colour})
   med = {s: tuple(float(np.median([v[i] for v in results[s]])) for i in range(2)) for s in systems}
   print(f"\nconfig: {args.config} {CONFIGS[args.config]}")
@@ -291,6 +299,8 @@ def main():
                       help="with --dmvr_src: also run our decode-then-crop baseline step")
   parser.add_argument("--ours_colour", nargs="+", default=["exact", "fused"], choices=["exact", "fused"],
                       help="our colour mode(s) to measure: tf.image's HSV ops (exact), the fused RGB map")
+  parser.add_argument("--with_block_shuffle", action="store_true",
+                      help="also our pipeline with shuffle='block', what the trainer uses when it saves the position")
   parser.add_argument("--batches", type=int, default=None, help="measured batches (default 30 / 12)")
   parser.add_argument("--warmup", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=None, help="default 3 (vs DMVR) / 2")

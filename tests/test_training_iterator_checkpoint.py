@@ -315,8 +315,8 @@ def build_wide_model(**config):
 
 def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, train_files):
   """MirroredStrategy over 2 CPUs, the trainer's default (block) shuffle: 3 steps, a fresh trainer
-  resumes (restored mid-block: 24 examples read, blocks of 16) to step 6; the same examples, frames,
-  losses and final weights, bit for bit, as 6 uninterrupted steps; the step is traced once per run;
+  resumes (restored mid-block: 24 examples read, blocks of 16) to step 6; the same examples and frames,
+  bit for bit, and the same losses and final weights (to float rounding) as 6 uninterrupted steps; the step is traced once per run;
   the saved position is a small fraction of model + optimizer."""
   strategy = _strategy("mirrored")
   traces = []
@@ -336,8 +336,11 @@ def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, 
   split = first.history + resumed.history
   assert _ids(split) == _ids(straight.history)
   assert _ids(straight.history[3:]) != _ids(straight.history[:3])
-  for key in ("fingerprint", "loss", "skipped_records"):
-    assert [h[key] for h in split] == [h[key] for h in straight.history], key  # exact
+  for key in ("fingerprint", "skipped_records"):  # the input: exact
+    assert [h[key] for h in split] == [h[key] for h in straight.history], key
+  # The arithmetic is not bit-reproducible between two runs of MirroredStrategy on CPU (multi-threaded
+  # reductions; measured: one loss 1 ulp apart in a full-suite run), so losses and weights to rtol 1e-5.
+  np.testing.assert_allclose([h["loss"] for h in split], [h["loss"] for h in straight.history], rtol=1e-5)
   assert resumed.skipped_records == straight.skipped_records > 0
   # One trace per run (2 replicas): batches passed as arguments keep fixed shapes.
   assert [traces.count(d) for d in (tmp_path / "straight", tmp_path / "split")] == [2, 4]
@@ -345,7 +348,7 @@ def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, 
   _, _, got = _checkpoint_parts(resumed.last_checkpoint)
   assert sorted(got) == sorted(want) and len(want) > 4
   for name in want:
-    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
   state, total, _ = _checkpoint_parts(first.last_checkpoint)
   assert state > 2e6  # the wide model: ~3 MB of model + optimizer
   # The block shuffle saves read positions, not records (a record here is ~20 kB; the buffer shuffle
