@@ -347,8 +347,10 @@ def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, 
   _, _, want = _checkpoint_parts(straight.last_checkpoint)
   _, _, got = _checkpoint_parts(resumed.last_checkpoint)
   assert sorted(got) == sorted(want) and len(want) > 4
+  # Float rounding moves weights by ~4e-7 between two runs (measured in CI); a wrongly restored
+  # optimizer or step would move them by ~lr = 1e-2.
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
   state, total, _ = _checkpoint_parts(first.last_checkpoint)
   assert state > 2e6  # the wide model: ~3 MB of model + optimizer
   # The block shuffle saves read positions, not records (a record here is ~20 kB; the buffer shuffle
