@@ -68,8 +68,8 @@ def _import_npy(*, checkpoint: str, num_frames: int = 32, crop_size: Optional[in
 # and video<->audio retrieval in `cross_view` (ranked by the training loss), against random init. The
 # checks, 1.75 x chance and +8 points for R@10, leave ~2 binomial standard deviations on 96 clips (VATT:
 # 2 x, +10 on 22-25%). 2400 steps, not 1600: at 1600 the narrow probe varied from run to run (31.2%,
-# 26.0%, 22.9%, then 13.5%, below random init's 14.6%, which failed the check); two runs at 2400 gave
-# 29.2% / 33.3% and R@10 34.4-41.7%. Measured values: gin/tiny/brave_va.gin and docs/families.md.
+# 26.0%, 22.9%, then 13.5%, below random init's 14.6%, which failed the check); three runs at 2400 gave
+# 29.2% / 33.3% / 25.0% and R@10 34.4-41.7%. Measured values: gin/tiny/brave_va.gin and docs/families.md.
 DEMO = DemoSettings(
     gin_file="tiny/brave_va.gin",
     steps=2400,
