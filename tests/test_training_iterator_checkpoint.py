@@ -75,8 +75,8 @@ class PoolMMV(keras.Model):
     return {"video": {"va": v, "vat": v}, "audio": {"va": a}, "text": {"vat": t}}
 
 
-def build_pool_model(**config):
-  model = PoolMMV(**config)
+def build_pool_model(model_class=PoolMMV, **config):
+  model = model_class(**config)
   model({"video": tf.zeros([1, 4, 32, 32, 3]), "log_mel": tf.zeros([1, 5, 80, 1]),
          "text_ids": tf.zeros([1, 2, 16], tf.int32)})
   return model
@@ -306,11 +306,7 @@ class WideInputMMV(PoolMMV):
     return dict(out, video={"va": v, "vat": v})
 
 
-def build_wide_model(**config):
-  model = WideInputMMV(**config)
-  model({"video": tf.zeros([1, 4, 32, 32, 3]), "log_mel": tf.zeros([1, 5, 80, 1]),
-         "text_ids": tf.zeros([1, 2, 16], tf.int32)})
-  return model
+build_wide_model = functools.partial(build_pool_model, WideInputMMV)
 
 
 def test_block_shuffle_resume_is_bit_identical_and_the_position_small(tmp_path, train_files):
@@ -384,3 +380,6 @@ def test_the_record_shuffle_of_a_model_dir_is_kept_across_resumes(tmp_path, trai
   new_run = tmp_path / "new"
   train(new_run, 1)
   assert json.loads((new_run / trainer.INPUT_POSITION_NAME).read_text()) == {"shuffle": "block"}
+  (new_run / trainer.INPUT_POSITION_NAME).write_text("{trunc")
+  with pytest.raises(ValueError, match="input_position.json is damaged"):
+    train(new_run, 2)

@@ -358,7 +358,13 @@ def _position_shuffle(model_dir: str, data_config: Mapping[str, Any], *, chief: 
   (its position is a few counters; the buffer shuffle's holds its records, docs/training.md) and
   'buffer' for checkpoints written before the shuffle was recorded (earlier versions' pipeline)."""
   path = os.path.join(model_dir, INPUT_POSITION_NAME)
-  recorded = json.loads(tf.io.gfile.GFile(path).read())["shuffle"] if tf.io.gfile.exists(path) else None
+  recorded = None
+  if tf.io.gfile.exists(path):
+    try:
+      recorded = json.loads(tf.io.gfile.GFile(path).read())["shuffle"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{path} is damaged ({e!r}); it should read {{"shuffle": "block"}} or '
+                       '{"shuffle": "buffer"}, the record shuffle this model dir\'s checkpoints were saved with') from None
   resumed = tf.train.latest_checkpoint(model_dir) is not None
   shuffle = data_config.get("shuffle") or recorded or ("buffer" if resumed else "block")
   # Recorded once, when it is known to match the checkpoints: a new run, or an earlier version's resumed
